@@ -1,0 +1,204 @@
+"""dbkit's exception hierarchy and the transient/permanent classification of database errors.
+
+Every error dbkit raises is a ``DbkitError``; the original driver error is always kept as
+``__cause__`` so nothing of PostgreSQL's diagnosis is lost.  Classification works on the
+SQLSTATE where PostgreSQL sends one, and on the *kind* of failure for connection attempts,
+which libpq reports without any SQLSTATE (refused, timed out, "too many clients", …).
+"""
+
+from __future__ import annotations
+
+import psycopg
+import sqlalchemy.exc as sa_exc
+
+__all__ = [
+    "CircuitOpenError",
+    "ConfigError",
+    "ConnectError",
+    "DbkitError",
+    "DuplicateKeyError",
+    "ForeignKeyError",
+    "IntegrityError",
+    "NotFoundError",
+    "PoolTimeoutError",
+    "RetryableError",
+    "TransactionBroken",
+    "TransactionError",
+    "TransactionRolledBack",
+    "is_transient",
+    "sqlstate_of",
+]
+
+
+class DbkitError(Exception):
+    """Base of every error raised by dbkit."""
+
+
+class ConfigError(DbkitError, ValueError):
+    """Settings are invalid; ``problems`` lists every one of them, not just the first."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid dbkit settings ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class ConnectError(DbkitError):
+    """The database could not be reached, or refused us for good (bad password, no database)."""
+
+
+class PoolTimeoutError(DbkitError):
+    """No pooled connection became free within ``timeout``."""
+
+
+class CircuitOpenError(DbkitError):
+    """The circuit breaker is open: the database failed repeatedly, calls fail fast for now."""
+
+
+class NotFoundError(DbkitError, LookupError):
+    """A row looked up (or updated) by key does not exist."""
+
+
+class IntegrityError(DbkitError):
+    """A constraint rejected the write.  ``constraint`` names it when PostgreSQL says which."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        constraint: str | None = None,
+        table: str | None = None,
+        column: str | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+        self.table = table
+        self.column = column
+        self.sqlstate = sqlstate
+
+
+class DuplicateKeyError(IntegrityError):
+    """Unique or primary-key violation (SQLSTATE 23505)."""
+
+
+class ForeignKeyError(IntegrityError):
+    """Foreign-key violation (SQLSTATE 23503)."""
+
+
+class TransactionError(DbkitError):
+    """Transaction API misuse, or a transaction that could not end as asked."""
+
+
+class TransactionBroken(TransactionError):
+    """A statement failed earlier in this block; nothing more can run until the block ends."""
+
+
+class TransactionRolledBack(TransactionError):
+    """The block ended normally but its work was rolled back, because an error marked it."""
+
+
+class RetryableError(DbkitError):
+    """The transaction failed in a way that re-running it may fix (40001, 40P01, lost link)."""
+
+
+# SQLSTATEs after which the same work may succeed if tried again (on a fresh connection or
+# a fresh transaction).  Class 08 is matched by prefix.
+_TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "53300",  # too_many_connections
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now (starting up, shutting down, recovery)
+        "57P05",  # idle_session_timeout
+    }
+)
+
+# libpq reports connection failures as text without a SQLSTATE.  These fragments mark the
+# ones worth retrying; anything else at connect time (authentication, unknown database or
+# role, pg_hba rejection, SSL verification) is permanent.
+_TRANSIENT_CONNECT_TEXT = (
+    "connection refused",
+    "could not connect",
+    "timeout expired",
+    "timed out",
+    "too many clients",
+    "too many connections",
+    "remaining connection slots are reserved",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "server closed the connection unexpectedly",
+    "connection reset",
+    "no such file or directory",  # unix socket not there yet
+    "network is unreachable",
+    "no route to host",
+    "temporary failure in name resolution",
+)
+
+_PERMANENT_CONNECT_TEXT = (
+    "password authentication failed",
+    "authentication failed",
+    "no password supplied",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "certificate",
+    "ssl error",
+    "server does not support ssl",
+    "sslmode value",
+    "invalid sslmode",
+    "invalid connection option",
+    "permission denied",
+)
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The psycopg error behind a SQLAlchemy wrapper (or behind our own chained errors)."""
+    seen = 0
+    while seen < 10:
+        seen += 1
+        if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+            return exc.orig
+        if isinstance(exc, psycopg.Error):
+            return exc
+        if exc.__cause__ is None:
+            return exc
+        exc = exc.__cause__
+    return exc
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, looking through SQLAlchemy's and dbkit's wrappers."""
+    orig = _driver_error(exc)
+    if isinstance(orig, psycopg.Error):
+        return orig.sqlstate
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the same operation may succeed if retried: the failure is not about *what*
+    was asked but about the server or network being momentarily unable to answer."""
+    if isinstance(exc, (RetryableError, CircuitOpenError)):
+        return isinstance(exc, RetryableError)
+    if isinstance(exc, (ConfigError, NotFoundError, IntegrityError, TransactionError)):
+        return False
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = _driver_error(exc)
+    if isinstance(orig, psycopg.Error):
+        state = orig.sqlstate
+        if state is not None:
+            return state in _TRANSIENT_SQLSTATES or state.startswith("08")
+        if isinstance(orig, psycopg.errors.ConnectionTimeout):
+            return True
+        if isinstance(orig, psycopg.OperationalError):
+            text = str(orig).lower()
+            if any(frag in text for frag in _PERMANENT_CONNECT_TEXT):
+                return False
+            return any(frag in text for frag in _TRANSIENT_CONNECT_TEXT)
+        return False
+    return isinstance(orig, (ConnectionError, TimeoutError))
