@@ -1,0 +1,351 @@
+"""``Database``: one PostgreSQL database, its pool, and the transactions run on it.
+
+The Go design's ``PostgresDB``: ``connect()`` (with retries), ``health()``, ``stats()``,
+``close()``; plus the ambient-transaction API (``transaction()``, ``on_commit()`` …) whose
+machinery lives in ``dbkit.transaction``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import backoff
+import sqlalchemy as sa
+from loguru import logger
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine, Result
+
+from dbkit.engine import create_engine, pool_policy
+from dbkit.errors import ConnectError, PoolTimeoutError, is_transient
+from dbkit.health import Health
+from dbkit.pool import evict_expired
+from dbkit.stats import PoolCounters, PoolStats
+from dbkit.transaction import (
+    DbkitConnection,
+    Transaction,
+    TransactionManager,
+    install_transaction_events,
+)
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from dbkit.settings import PostgresConfig, Settings
+
+__all__ = ["Database"]
+
+R = TypeVar("R")
+Statement = str | sa.Executable
+
+# Cap on one backoff sleep between connect attempts.
+_MAX_CONNECT_DELAY = 10.0
+
+
+def _coerce(statement: Statement) -> sa.Executable:
+    return sa.text(statement) if isinstance(statement, str) else statement
+
+
+def _min_delay_jitter(value: float) -> float:
+    """Between half and all of the backoff step: spreads reconnect storms without the
+    near-zero first waits of full jitter (litl/backoff#113)."""
+    return value / 2 + random.uniform(0, value / 2)
+
+
+def _reason(error: BaseException) -> str:
+    """The driver's message on one line, for error text a person reads."""
+    orig = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
+    return "; ".join(lines) or type(orig).__name__
+
+
+class Database:
+    """A PostgreSQL database reached through a tuned, instrumented SQLAlchemy pool."""
+
+    def __init__(self, config: PostgresConfig, **engine_options: Any) -> None:
+        self._config = config
+        self._engine_options = engine_options
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+        self._counters = PoolCounters(config.max_open_conns)
+        self._transactions = TransactionManager(self)
+        self._sweeper: _Sweeper | None = None
+        self._closed = False
+        self.connect_attempts = 0  # attempts made by the last connect(), for operators/tests
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **engine_options: Any) -> Self:
+        return cls(settings.database.postgres, **engine_options)
+
+    @classmethod
+    def from_url(cls, url: str | sa.URL, **overrides: Any) -> Self:
+        """``overrides`` are PostgresConfig fields (``max_open_conns=5``); the rest are the
+        production defaults."""
+        from dbkit.settings import PostgresConfig
+
+        return cls(PostgresConfig.from_url(url, **overrides))
+
+    @property
+    def config(self) -> PostgresConfig:
+        return self._config
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._engine else "not connected"
+        return f"<Database {self._config.safe_dsn()} ({state})>"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (Go's ``Driver()``), created on first use."""
+        engine = self._engine
+        if engine is None:
+            with self._engine_lock:
+                if self._closed:
+                    raise ConnectError(f"{self!r} is closed")
+                if self._engine is None:
+                    self._engine = create_engine(
+                        self._config, self._counters, **self._engine_options
+                    )
+                    install_transaction_events(self._engine)
+                engine = self._engine
+        return engine
+
+    def connect(self) -> Self:
+        """Make sure the database answers, retrying transient failures with exponential
+        backoff and jitter; fail at once on permanent ones (bad password, no database)."""
+        config = self._config
+        self.connect_attempts = 0
+        if self._closed:
+            self._closed = False
+
+        def attempt() -> None:
+            self.connect_attempts += 1
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+
+        def log_retry(details: Any) -> None:
+            logger.warning(
+                "connect to {} failed (attempt {}): {}; retrying in {:.2f}s",
+                config.safe_dsn(),
+                details["tries"],
+                _reason(details["exception"]),
+                details["wait"],
+            )
+
+        retrying = backoff.on_exception(
+            backoff.expo,
+            Exception,
+            max_tries=config.max_retries + 1,
+            giveup=lambda error: not is_transient(error),
+            factor=config.retry_delay,
+            max_value=max(_MAX_CONNECT_DELAY, config.retry_delay),
+            jitter=_min_delay_jitter,
+            on_backoff=log_retry,
+            logger=None,
+        )(attempt)
+        try:
+            retrying()
+        except Exception as error:
+            kind = "transient, retries exhausted" if is_transient(error) else "permanent"
+            raise ConnectError(
+                f"cannot connect to {config.safe_dsn()} after {self.connect_attempts} "
+                f"attempt(s) ({kind}): {_reason(error)}"
+            ) from error
+        logger.info("connected to {}", config.safe_dsn())
+        self._start_sweeper()
+        return self
+
+    def _start_sweeper(self) -> None:
+        config = self._config
+        periods = [p for p in (config.conn_max_idle_time, config.conn_max_lifetime) if p > 0]
+        if self._sweeper is None and periods:
+            # Go's connectionCleaner runs every min(idle time, lifetime), at least 1 s apart.
+            self._sweeper = _Sweeper(self, max(1.0, min(periods)))
+            self._sweeper.start()
+
+    def close(self) -> None:
+        """Close every pooled connection; idempotent.  Connections still checked out are
+        closed when they come back."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.dispose()
+            logger.info("closed pool for {}", self._config.safe_dsn())
+
+    disconnect = close
+
+    def __enter__(self) -> Self:
+        return self.connect()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _checkout(self) -> DbkitConnection:
+        """A pooled connection, with pool and connect failures in dbkit's terms."""
+        try:
+            conn = self.engine.connect()
+        except sa_exc.TimeoutError as error:
+            stats = self.stats()
+            config = self._config
+            limit = config.max_open_conns or "unlimited"
+            raise PoolTimeoutError(
+                f"no connection became free within {config.timeout:g}s: {stats.in_use} in "
+                f"use, max_open_conns={limit}, max_idle_conns={config.max_idle_conns}; "
+                "raise max_open_conns or look for connections held too long"
+            ) from error
+        except sa_exc.DBAPIError as error:
+            raise ConnectError(
+                f"cannot connect to {self._config.safe_dsn()}: {_reason(error)}"
+            ) from error
+        assert isinstance(conn, DbkitConnection)
+        return conn
+
+    def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Result[Any]:
+        """Run one statement: on this thread's open transaction if there is one, else on its
+        own in autocommit (one round trip, no BEGIN/COMMIT).  Rows are fetched before the
+        connection goes back to the pool, so the result stays readable."""
+        stmt = _coerce(statement)
+        conn = self._transactions.connection()
+        if conn is not None:
+            return conn.execute(stmt, params)
+        with self._autocommit() as conn:
+            result = conn.execute(stmt, params)
+            return result.freeze()() if result.returns_rows else result
+
+    def scalar(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Any:
+        stmt = _coerce(statement)
+        conn = self._transactions.connection()
+        if conn is not None:
+            return conn.scalar(stmt, params)
+        with self._autocommit() as conn:
+            return conn.scalar(stmt, params)
+
+    def _autocommit(self) -> DbkitConnection:
+        conn = self._checkout()
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @overload
+    def transaction(self, func: Callable[..., R], /) -> Callable[..., R]: ...
+
+    @overload
+    def transaction(
+        self,
+        func: None = None,
+        /,
+        *,
+        savepoint: bool = True,
+        durable: bool = False,
+        readonly: bool | None = None,
+        isolation: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Transaction: ...
+
+    def transaction(
+        self,
+        func: Callable[..., R] | None = None,
+        /,
+        *,
+        savepoint: bool = True,
+        durable: bool = False,
+        readonly: bool | None = None,
+        isolation: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Transaction | Callable[..., R]:
+        """A transaction block: ``with db.transaction() as conn``, ``@db.transaction`` or
+        ``@db.transaction(...)``.  Outermost → BEGIN/COMMIT; nested → SAVEPOINT."""
+        tx = Transaction(
+            self._transactions,
+            savepoint=savepoint,
+            durable=durable,
+            readonly=readonly,
+            isolation=isolation,
+            timeout=timeout,
+            retries=retries,
+        )
+        return tx if func is None else tx(func)
+
+    def run_in_transaction(
+        self, func: Callable[[DbkitConnection], R], retries: int = 3, **options: Any
+    ) -> R:
+        """``func(conn)`` in an outermost transaction, re-run whole on serialization failure
+        (40001), deadlock (40P01) or a connection lost before COMMIT."""
+        Transaction(self._transactions, **options)  # validate the options up front
+        return self._transactions.run(func, retries=retries, options=options)
+
+    def on_commit(self, func: Callable[[], Any], robust: bool = False) -> None:
+        self._transactions.on_commit(func, robust)
+
+    def set_rollback(self, rollback: bool) -> None:
+        self._transactions.set_rollback(rollback)
+
+    def get_rollback(self) -> bool:
+        return self._transactions.get_rollback()
+
+    def in_transaction(self) -> bool:
+        return self._transactions.in_transaction()
+
+    def connection(self) -> DbkitConnection | None:
+        """This thread's ambient connection (inside a block), else None."""
+        return self._transactions.connection()
+
+    # -- observability ---------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        return self._counters.snapshot()
+
+    def health(self) -> Health:
+        """Probe the database with one round trip; never raises."""
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            with self._checkout() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {_reason(exc)}"
+        latency_ms = (time.perf_counter() - started) * 1000
+        return Health(ok=error is None, latency_ms=latency_ms, error=error, pool=self.stats())
+
+    def evict_expired(self) -> int:
+        """Close idle connections past conn_max_idle_time / conn_max_lifetime now."""
+        engine = self._engine
+        if engine is None:
+            return 0
+        return evict_expired(engine, self._counters, pool_policy(self._config))
+
+
+class _Sweeper(threading.Thread):
+    """Closes expired idle connections in the background (Go's connectionCleaner).  A
+    daemon: it never keeps the process alive, and an error in it is logged, not raised."""
+
+    def __init__(self, db: Database, period: float) -> None:
+        super().__init__(name="dbkit-pool-sweeper", daemon=True)
+        self._db = db
+        self._period = period
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._period):
+            try:
+                self._db.evict_expired()
+            except Exception as error:
+                logger.opt(exception=error).warning("pool sweep failed")
+
+    def stop(self) -> None:
+        self._stop_event.set()

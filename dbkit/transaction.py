@@ -1,0 +1,666 @@
+"""Nested transactions with Django ``atomic`` semantics on SQLAlchemy Core.
+
+One pooled connection per outermost block; nested blocks are SAVEPOINTs on it.  All state
+of a thread's transaction lives in one ``_State`` (per ``Database``, per thread), the way
+Django keeps it on the connection: the ``Transaction`` objects themselves hold only the
+options they were made with, so one instance can be entered again while already open.
+
+What dbkit adds to Django's rules (see DESIGN.md):
+
+- a block that exits normally but was marked for rollback by an *error* raises
+  ``TransactionRolledBack``; only an explicit ``set_rollback(True)`` rolls back silently;
+- a failed statement is detected from the server's own transaction status, so a swallowed
+  error can never be followed by a COMMIT that PostgreSQL would quietly turn into ROLLBACK;
+- read-only, isolation and timeout per block, and whole-transaction retries.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import psycopg
+import sqlalchemy as sa
+from loguru import logger
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine, RootTransaction
+
+from dbkit.errors import (
+    RetryableError,
+    TransactionBroken,
+    TransactionError,
+    TransactionRolledBack,
+    sqlstate_of,
+)
+
+if TYPE_CHECKING:
+    from dbkit.database import Database
+
+__all__ = ["DbkitConnection", "Transaction", "TransactionManager"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_ISOLATION_LEVELS = {
+    "serializable": "SERIALIZABLE",
+    "repeatable read": "REPEATABLE READ",
+    "repeatable_read": "REPEATABLE READ",
+    "read committed": "READ COMMITTED",
+    "read_committed": "READ COMMITTED",
+    "read uncommitted": "READ UNCOMMITTED",
+    "read_uncommitted": "READ UNCOMMITTED",
+}
+
+# SQLSTATEs after which re-running the whole transaction is the documented remedy.
+_RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+_RETRY_BASE_DELAY = 0.01
+_RETRY_MAX_DELAY = 1.0
+
+
+def _normalize_isolation(value: str | None) -> str | None:
+    if value is None:
+        return None
+    level = _ISOLATION_LEVELS.get(value.strip().lower())
+    if level is None:
+        raise TransactionError(
+            f"unknown isolation level {value!r}; use one of: serializable, repeatable read, "
+            "read committed, read uncommitted"
+        )
+    return level
+
+
+class DbkitConnection(sa.Connection):
+    """The connection handed out by ``db.transaction()``.
+
+    While a dbkit block owns it, ending the transaction behind the block's back is refused:
+    the block decides between COMMIT and ROLLBACK, and a stray ``commit()`` would leave it
+    managing a transaction that no longer exists.
+    """
+
+    __slots__ = ("_dbkit_state",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._dbkit_state: _State | None = None
+        super().__init__(*args, **kwargs)
+
+    def _refuse(self, what: str) -> None:
+        if self._dbkit_state is not None:
+            raise TransactionError(
+                f"{what} is forbidden inside db.transaction(): the block commits or rolls "
+                "back when it exits (raise an exception or call db.set_rollback(True) to "
+                "roll back)"
+            )
+
+    def commit(self) -> None:
+        self._refuse("Connection.commit()")
+        super().commit()
+
+    def rollback(self) -> None:
+        self._refuse("Connection.rollback()")
+        super().rollback()
+
+    def begin(self) -> RootTransaction:
+        self._refuse("Connection.begin()")
+        return super().begin()
+
+    def close(self) -> None:
+        self._refuse("Connection.close()")
+        super().close()
+
+
+class _Block:
+    """One entered ``with db.transaction()``: what its exit must undo."""
+
+    __slots__ = ("owner", "restore_timeout", "savepoint", "was_readonly")
+
+    def __init__(self, owner: Transaction, savepoint: str | None) -> None:
+        self.owner = owner
+        self.savepoint = savepoint
+        # Set when the block changed statement_timeout: the value to put back on exit
+        # (SET LOCAL inside a savepoint survives RELEASE).
+        self.restore_timeout: str | None = None
+        # Set when the block made the transaction read-only: the mode to go back to.
+        self.was_readonly: bool | None = None
+
+
+class _State:
+    """A thread's ambient transaction on one Database."""
+
+    __slots__ = (
+        "blocks",
+        "callbacks",
+        "conn",
+        "failed_exc",
+        "internal",
+        "isolation",
+        "needs_rollback",
+        "readonly",
+        "rollback_exc",
+        "root",
+        "savepoint_counter",
+        "savepoint_ids",
+        "testing",
+        "timeout",
+    )
+
+    def __init__(self) -> None:
+        self.conn: DbkitConnection | None = None
+        self.root: RootTransaction | None = None
+        self.testing = False  # an outer fixture transaction (dbkit.testing) owns `conn`
+        self.reset()
+
+    def reset(self) -> None:
+        self.blocks: list[_Block] = []
+        self.savepoint_ids: list[str] = []
+        self.savepoint_counter = 0
+        # Marked for rollback; `rollback_exc` says why (None: explicit set_rollback(True)).
+        self.needs_rollback = False
+        self.rollback_exc: BaseException | None = None
+        # A statement failed and the server aborted the transaction (or savepoint); only a
+        # rollback to a savepoint taken before the failure can revive it.
+        self.failed_exc: BaseException | None = None
+        self.callbacks: list[tuple[tuple[str, ...], Callable[[], Any], bool]] = []
+        self.internal = False  # dbkit's own SAVEPOINT/RELEASE/SET pass the broken guard
+        self.isolation: str | None = None
+        self.readonly = False
+        self.timeout: str | None = None  # statement_timeout set by a block, as SQL text
+
+    @property
+    def cannot_commit(self) -> bool:
+        return self.needs_rollback or self.failed_exc is not None
+
+    @property
+    def rollback_reason(self) -> BaseException | None:
+        return self.failed_exc or self.rollback_exc
+
+
+class Transaction:
+    """``db.transaction(...)``: a context manager and decorator, re-enterable."""
+
+    __slots__ = ("_manager", "durable", "isolation", "readonly", "retries", "savepoint", "timeout")
+
+    def __init__(
+        self,
+        manager: TransactionManager,
+        *,
+        savepoint: bool = True,
+        durable: bool = False,
+        readonly: bool | None = None,
+        isolation: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise TransactionError(f"timeout must be a positive number of seconds, got {timeout}")
+        if retries is not None and retries < 0:
+            raise TransactionError(f"retries must be >= 0, got {retries}")
+        self._manager = manager
+        self.savepoint = savepoint
+        self.durable = durable
+        self.readonly = readonly
+        self.isolation = _normalize_isolation(isolation)
+        self.timeout = timeout
+        self.retries = retries
+
+    def __enter__(self) -> DbkitConnection:
+        if self.retries:
+            raise TransactionError(
+                "retries need a body that can run again: use @db.transaction(retries=N) on "
+                "a function, or db.run_in_transaction(fn, retries=N), not a `with` block"
+            )
+        return self._manager.enter(self)
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._manager.exit(self, exc)
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        manager = self
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if manager.retries:
+                return manager._manager.run(
+                    lambda _conn: func(*args, **kwargs),
+                    retries=manager.retries,
+                    options=manager._options(),
+                )
+            with manager:
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "savepoint": self.savepoint,
+            "durable": self.durable,
+            "readonly": self.readonly,
+            "isolation": self.isolation,
+            "timeout": self.timeout,
+        }
+
+
+class TransactionManager:
+    """Owns the per-thread transaction state of one ``Database``."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._local = threading.local()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _state(self) -> _State:
+        try:
+            state: _State = self._local.state
+        except AttributeError:
+            state = self._local.state = _State()
+        return state
+
+    def connection(self) -> DbkitConnection | None:
+        """This thread's ambient connection, or None outside any block."""
+        state = getattr(self._local, "state", None)
+        return None if state is None else state.conn
+
+    def in_transaction(self) -> bool:
+        return self.connection() is not None
+
+    def _require_block(self, what: str) -> _State:
+        state = self._state()
+        if not state.blocks:
+            raise TransactionError(f"{what} only works inside a db.transaction() block")
+        return state
+
+    def get_rollback(self) -> bool:
+        return self._require_block("get_rollback()").needs_rollback
+
+    def set_rollback(self, rollback: bool) -> None:
+        """Mark (or unmark) the innermost transaction for rollback.  This is the last word on
+        the flag, so a later normal exit rolls back silently; it cannot, however, revive a
+        transaction in which a statement failed."""
+        state = self._require_block("set_rollback()")
+        state.needs_rollback = bool(rollback)
+        state.rollback_exc = None
+
+    def on_commit(self, func: Callable[[], Any], robust: bool = False) -> None:
+        if not callable(func):
+            raise TypeError("on_commit()'s callback must be a callable")
+        state = self._state()
+        if state.conn is None or state.testing and not state.blocks:
+            _run_callback(func, robust)
+        else:
+            state.callbacks.append((tuple(state.savepoint_ids), func, robust))
+
+    # -- enter -----------------------------------------------------------------------------
+
+    def enter(self, tx: Transaction) -> DbkitConnection:
+        state = self._state()
+        if state.conn is None:
+            self._begin(state, tx)
+            block = _Block(tx, None)
+            state.blocks.append(block)
+        else:
+            block = self._begin_nested(state, tx)
+        if tx.timeout is not None:
+            self._set_timeout(state, block, tx.timeout)
+        assert state.conn is not None
+        return state.conn
+
+    def _begin(self, state: _State, tx: Transaction) -> None:
+        conn = self._db._checkout()
+        assert isinstance(conn, DbkitConnection)
+        try:
+            options: dict[str, Any] = {}
+            if tx.isolation is not None:
+                options["isolation_level"] = tx.isolation
+            if tx.readonly:
+                # psycopg sends BEGIN READ ONLY / BEGIN ISOLATION LEVEL …: no extra trip.
+                options["postgresql_readonly"] = True
+            if options:
+                conn.execution_options(**options)
+            state.root = conn.begin()
+        except BaseException:
+            conn.close()
+            raise
+        state.conn = conn
+        state.isolation = tx.isolation
+        state.readonly = bool(tx.readonly)
+        conn._dbkit_state = state
+
+    def _begin_nested(self, state: _State, tx: Transaction) -> _Block:
+        app_outermost = state.testing and not state.blocks
+        if app_outermost:
+            # The fixture's outer transaction stands in for the server; this block is the
+            # application's outermost one, so it takes the outermost options.
+            state.isolation = tx.isolation
+            state.readonly = False
+        elif tx.durable:
+            raise TransactionError(
+                "a durable transaction block cannot be nested within another transaction block"
+            )
+        if tx.isolation is not None and tx.isolation != self._isolation_of(state):
+            raise TransactionError(
+                f"isolation {tx.isolation!r} differs from the enclosing transaction's "
+                f"({self._isolation_of(state)!r}); isolation can only be set on the "
+                "outermost block"
+            )
+        if tx.readonly is False and state.readonly:
+            raise TransactionError("a read-write block cannot be nested in a read-only block")
+        savepoint = None
+        if tx.savepoint and not state.cannot_commit:
+            state.savepoint_counter += 1
+            savepoint = f"dbkit_sp_{state.savepoint_counter}"
+            self._internal(state, f"SAVEPOINT {savepoint}")
+            state.savepoint_ids.append(savepoint)
+        block = _Block(tx, savepoint)
+        state.blocks.append(block)
+        if tx.readonly and not state.readonly:
+            if savepoint is None:
+                state.blocks.pop()
+                raise TransactionError(
+                    "readonly=True in a nested block needs a savepoint (savepoint=True)"
+                )
+            # Reverted by PostgreSQL itself when the savepoint is released or rolled back.
+            self._internal(state, "SET TRANSACTION READ ONLY")
+            block.was_readonly = state.readonly
+            state.readonly = True
+        return block
+
+    def _isolation_of(self, state: _State) -> str:
+        if state.isolation is not None:
+            return state.isolation
+        assert state.conn is not None
+        default = state.conn.dialect.default_isolation_level or "READ COMMITTED"
+        return default.replace("_", " ").upper()
+
+    def _set_timeout(self, state: _State, block: _Block, timeout: float) -> None:
+        block.restore_timeout = state.timeout or "DEFAULT"
+        value = f"'{max(1, round(timeout * 1000))}ms'"
+        self._internal(state, f"SET LOCAL statement_timeout = {value}")
+        state.timeout = value
+
+    def _internal(self, state: _State, sql: str) -> None:
+        """Run dbkit's own transaction-control statement past the broken-transaction guard."""
+        assert state.conn is not None
+        state.internal = True
+        try:
+            state.conn.exec_driver_sql(sql)
+        finally:
+            state.internal = False
+
+    # -- exit ------------------------------------------------------------------------------
+
+    def exit(self, tx: Transaction, exc: BaseException | None) -> None:
+        state = self._state()
+        if not state.blocks or state.blocks[-1].owner is not tx:
+            raise TransactionError("transaction blocks exited out of order")
+        block = state.blocks.pop()
+        if block.was_readonly is not None:
+            state.readonly = block.was_readonly
+        if state.blocks or state.testing:
+            self._exit_nested(state, block, exc)
+        else:
+            self._exit_outermost(state, exc)
+
+    def _exit_nested(self, state: _State, block: _Block, exc: BaseException | None) -> None:
+        if exc is None and not state.cannot_commit:
+            if block.savepoint is not None:
+                try:
+                    self._internal(state, f"RELEASE SAVEPOINT {block.savepoint}")
+                except sa_exc.DBAPIError as error:
+                    # Django's rule: fall back to ROLLBACK TO + RELEASE; if even that
+                    # fails, the enclosing transaction is beyond repair.
+                    self._rollback_savepoint(state, block.savepoint, error)
+                    raise
+                state.savepoint_ids.pop()
+            self._restore_timeout(state, block)
+            return
+
+        if block.savepoint is None:
+            # No savepoint of its own: the failure belongs to the enclosing block.
+            state.needs_rollback = True
+            if exc is not None and state.rollback_exc is None:
+                state.rollback_exc = exc
+            return
+
+        reason = state.rollback_reason if exc is None else None
+        silent = exc is None and reason is None
+        if self._rollback_savepoint(state, block.savepoint, exc):
+            self._restore_timeout(state, block)
+        if not silent and exc is None:
+            raise TransactionRolledBack(
+                "the transaction block was rolled back to its savepoint because an error "
+                "marked it for rollback; its work was not saved"
+            ) from reason
+
+    def _rollback_savepoint(
+        self, state: _State, savepoint: str, cause: BaseException | None
+    ) -> bool:
+        """ROLLBACK TO + RELEASE (a rolled-back savepoint must not linger, Django #23074).
+        Returns whether the transaction is healthy again."""
+        try:
+            self._internal(state, f"ROLLBACK TO SAVEPOINT {savepoint}")
+            self._internal(state, f"RELEASE SAVEPOINT {savepoint}")
+        except sa_exc.DBAPIError as error:
+            state.needs_rollback = True
+            if state.rollback_exc is None:
+                state.rollback_exc = cause or error
+            healthy = False
+        else:
+            state.needs_rollback = False
+            state.rollback_exc = None
+            state.failed_exc = None
+            healthy = True
+        # Callbacks registered under this savepoint (or deeper, released ones) go with it.
+        state.callbacks = [c for c in state.callbacks if savepoint not in c[0]]
+        if savepoint in state.savepoint_ids:
+            del state.savepoint_ids[state.savepoint_ids.index(savepoint) :]
+        return healthy
+
+    def _restore_timeout(self, state: _State, block: _Block) -> None:
+        if block.restore_timeout is not None and not state.cannot_commit:
+            self._internal(state, f"SET LOCAL statement_timeout = {block.restore_timeout}")
+            state.timeout = None if block.restore_timeout == "DEFAULT" else block.restore_timeout
+
+    def _exit_outermost(self, state: _State, exc: BaseException | None) -> None:
+        conn, root = state.conn, state.root
+        assert conn is not None and root is not None
+        callbacks: list[tuple[tuple[str, ...], Callable[[], Any], bool]] = []
+        try:
+            if exc is None and not state.cannot_commit and not _server_aborted(conn):
+                self._commit(state, root)
+                callbacks = state.callbacks
+            else:
+                reason = state.rollback_reason if exc is None else None
+                if reason is None and exc is None and _server_aborted(conn):
+                    reason = TransactionError("the server reports the transaction as failed")
+                _quiet_rollback(root, conn)
+                if exc is None and reason is not None:
+                    raise TransactionRolledBack(
+                        "the transaction was rolled back because an error marked it for "
+                        "rollback; nothing was committed"
+                    ) from reason
+        finally:
+            self._release(state)
+        for _, func, robust in callbacks:
+            _run_callback(func, robust)
+
+    def _commit(self, state: _State, root: RootTransaction) -> None:
+        assert state.conn is not None
+        conn = state.conn
+        state.internal = True
+        try:
+            root.commit()
+        except sa_exc.DBAPIError as error:
+            _quiet_rollback(root, conn)
+            if error.connection_invalidated:
+                # COMMIT may or may not have reached the server: never guess, never retry.
+                raise TransactionError(
+                    "the connection was lost during COMMIT; whether the transaction "
+                    "committed is unknown"
+                ) from error
+            raise
+        finally:
+            state.internal = False
+
+    def _release(self, state: _State) -> None:
+        conn = state.conn
+        state.conn = None
+        state.root = None
+        state.reset()
+        if conn is not None:
+            conn._dbkit_state = None
+            conn.close()
+
+    # -- retries ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        func: Callable[[DbkitConnection], R],
+        *,
+        retries: int,
+        options: dict[str, Any],
+    ) -> R:
+        """Run ``func(conn)`` in an outermost transaction, re-running the whole transaction
+        on serialization failure, deadlock, or a connection lost before COMMIT."""
+        if self.in_transaction():
+            raise TransactionError(
+                "a retried transaction must be the outermost one: re-running it inside an "
+                "open transaction would repeat only part of the work"
+            )
+        attempt = 0
+        while True:
+            try:
+                with Transaction(self, **options) as conn:
+                    result = func(conn)
+                return result
+            except Exception as error:
+                if not _worth_retrying(error):
+                    raise
+                if attempt >= retries:
+                    raise RetryableError(
+                        f"transaction failed {attempt + 1} time(s) with a retryable error "
+                        f"({sqlstate_of(error) or type(error).__name__}); giving up"
+                    ) from error
+                attempt += 1
+                delay = min(_RETRY_MAX_DELAY, _RETRY_BASE_DELAY * 2**attempt)
+                delay = random.uniform(delay / 2, delay)
+                logger.bind(attempt=attempt, sqlstate=sqlstate_of(error)).info(
+                    "retrying transaction (attempt {}) in {:.3f}s after {}",
+                    attempt,
+                    delay,
+                    type(error).__name__,
+                )
+                time.sleep(delay)
+
+    # -- testing support -------------------------------------------------------------------
+
+    @contextmanager
+    def adopt(self, conn: DbkitConnection) -> Iterator[None]:
+        """Make ``conn`` (with a transaction already begun by a test fixture) this thread's
+        ambient connection: every block inside runs as a savepoint, durable ones included,
+        and the fixture rolls everything back at the end."""
+        state = self._state()
+        if state.conn is not None:
+            raise TransactionError("a transaction is already open in this thread")
+        state.conn = conn
+        state.testing = True
+        conn._dbkit_state = state
+        try:
+            yield
+        finally:
+            conn._dbkit_state = None
+            state.conn = None
+            state.testing = False
+            state.reset()
+
+
+def _server_aborted(conn: sa.Connection) -> bool:
+    """What libpq knows about the server's transaction: INERROR after any failed statement,
+    even one whose error was swallowed outside dbkit's view."""
+    try:
+        dbapi = conn.connection.dbapi_connection
+    except sa_exc.SQLAlchemyError:
+        return True
+    if dbapi is None:
+        return True
+    status = dbapi.info.transaction_status
+    return status in (psycopg.pq.TransactionStatus.INERROR, psycopg.pq.TransactionStatus.UNKNOWN)
+
+
+def _quiet_rollback(root: RootTransaction, conn: sa.Connection) -> None:
+    """Roll back without letting a second failure (dead connection) hide the first."""
+    try:
+        if root.is_active:
+            root.rollback()
+    except Exception as error:  # the connection is unusable: drop it rather than reuse it
+        logger.opt(exception=error).warning("rollback failed; discarding the connection")
+        try:
+            conn.invalidate()
+        except Exception:
+            pass
+
+
+def _run_callback(func: Callable[[], Any], robust: bool) -> None:
+    if not robust:
+        func()
+        return
+    try:
+        func()
+    except Exception as error:
+        name = getattr(func, "__qualname__", repr(func))
+        logger.opt(exception=error).error("on_commit callback {} failed", name)
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    if sqlstate_of(error) in _RETRY_SQLSTATES:
+        return True
+    # A connection lost before COMMIT was sent: the server rolled the work back.
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, sa_exc.DBAPIError):
+            return bool(cause.connection_invalidated)
+        if isinstance(cause, TransactionError) and not isinstance(cause, TransactionRolledBack):
+            return False
+        cause = cause.__cause__
+    return False
+
+
+def install_transaction_events(engine: Engine) -> None:
+    """Statement hooks: refuse statements in a broken block, notice statements that fail."""
+    engine._connection_cls = DbkitConnection  # type: ignore[misc]
+
+    @event.listens_for(engine, "before_execute")
+    def guard_broken(conn: sa.Connection, *args: Any) -> None:
+        state = getattr(conn, "_dbkit_state", None)
+        if state is None or state.internal or not state.cannot_commit:
+            return
+        if state.failed_exc is not None or state.rollback_exc is not None:
+            raise TransactionBroken(
+                "an error occurred earlier in this transaction block; no statement can run "
+                "until the block ends (catch errors outside a nested db.transaction() to "
+                "recover inside a transaction)"
+            ) from state.rollback_reason
+        raise TransactionBroken(
+            "this transaction is marked for rollback (set_rollback(True)); no statement can "
+            "run until the block ends"
+        )
+
+    @event.listens_for(engine, "handle_error")
+    def notice_failure(context: sa.engine.ExceptionContext) -> None:
+        conn = context.connection
+        state = getattr(conn, "_dbkit_state", None)
+        if state is None or isinstance(context.original_exception, TransactionError):
+            return
+        assert conn is not None
+        if context.is_disconnect or _server_aborted(conn):
+            failure = context.sqlalchemy_exception or context.original_exception
+            if state.failed_exc is None:
+                state.failed_exc = failure
+            state.needs_rollback = True
+            if state.rollback_exc is None:
+                state.rollback_exc = failure
