@@ -2,6 +2,7 @@
 
 from loguru import logger as _logger
 
+from dbkit.database import Database
 from dbkit.errors import (
     CircuitOpenError,
     ConfigError,
@@ -18,6 +19,19 @@ from dbkit.errors import (
     TransactionRolledBack,
     is_transient,
 )
+from dbkit.health import Health
+from dbkit.logging import configure_logging
+from dbkit.settings import (
+    DatabaseConfig,
+    LogConfig,
+    PostgresConfig,
+    Settings,
+    describe_settings,
+    load_settings,
+    parse_duration,
+)
+from dbkit.stats import PoolStats
+from dbkit.transaction import DbkitConnection, Transaction
 
 # A library stays silent until the application asks for its logs (configure_logging).
 _logger.disable("dbkit")
@@ -28,16 +42,29 @@ __all__ = [
     "CircuitOpenError",
     "ConfigError",
     "ConnectError",
+    "Database",
+    "DatabaseConfig",
+    "DbkitConnection",
     "DbkitError",
     "DuplicateKeyError",
     "ForeignKeyError",
+    "Health",
     "IntegrityError",
+    "LogConfig",
     "NotFoundError",
+    "PoolStats",
     "PoolTimeoutError",
+    "PostgresConfig",
     "RetryableError",
+    "Settings",
+    "Transaction",
     "TransactionBroken",
     "TransactionError",
     "TransactionRolledBack",
     "__version__",
+    "configure_logging",
+    "describe_settings",
     "is_transient",
+    "load_settings",
+    "parse_duration",
 ]

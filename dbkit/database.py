@@ -217,18 +217,18 @@ class Database:
         own in autocommit (one round trip, no BEGIN/COMMIT).  Rows are fetched before the
         connection goes back to the pool, so the result stays readable."""
         stmt = _coerce(statement)
-        conn = self._transactions.connection()
-        if conn is not None:
-            return conn.execute(stmt, params)
+        ambient = self._transactions.connection()
+        if ambient is not None:
+            return ambient.execute(stmt, params)
         with self._autocommit() as conn:
             result = conn.execute(stmt, params)
             return result.freeze()() if result.returns_rows else result
 
     def scalar(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Any:
         stmt = _coerce(statement)
-        conn = self._transactions.connection()
-        if conn is not None:
-            return conn.scalar(stmt, params)
+        ambient = self._transactions.connection()
+        if ambient is not None:
+            return ambient.scalar(stmt, params)
         with self._autocommit() as conn:
             return conn.scalar(stmt, params)
 

@@ -16,6 +16,7 @@ What dbkit adds to Django's rules (see DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import threading
@@ -290,7 +291,7 @@ class TransactionManager:
         if not callable(func):
             raise TypeError("on_commit()'s callback must be a callable")
         state = self._state()
-        if state.conn is None or state.testing and not state.blocks:
+        if state.conn is None or (state.testing and not state.blocks):
             _run_callback(func, robust)
         else:
             state.callbacks.append((tuple(state.savepoint_ids), func, robust))
@@ -599,10 +600,8 @@ def _quiet_rollback(root: RootTransaction, conn: sa.Connection) -> None:
             root.rollback()
     except Exception as error:  # the connection is unusable: drop it rather than reuse it
         logger.opt(exception=error).warning("rollback failed; discarding the connection")
-        try:
+        with contextlib.suppress(Exception):
             conn.invalidate()
-        except Exception:
-            pass
 
 
 def _run_callback(func: Callable[[], Any], robust: bool) -> None:
@@ -632,7 +631,7 @@ def _worth_retrying(error: BaseException) -> bool:
 
 def install_transaction_events(engine: Engine) -> None:
     """Statement hooks: refuse statements in a broken block, notice statements that fail."""
-    engine._connection_cls = DbkitConnection  # type: ignore[misc]
+    engine._connection_cls = DbkitConnection
 
     @event.listens_for(engine, "before_execute")
     def guard_broken(conn: sa.Connection, *args: Any) -> None:
