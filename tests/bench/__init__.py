@@ -1,0 +1,1 @@
+"""dbkit benchmarks: `python -m tests.bench` (or `nox -s bench`).  Not collected by pytest."""

@@ -1,0 +1,129 @@
+"""Shared test harness: one private PostgreSQL per run, a fresh database per test.
+
+The suite never touches a system PostgreSQL (e.g. 127.0.0.1:5432).  It starts its own
+throwaway server with ``dbkit.local.LocalPostgres`` from the machine's binaries
+(``DBKIT_PG_BIN``, ``pg_config --bindir``, ``/usr/lib/postgresql/*/bin`` …) on a free port;
+as root that server runs as ``postgres`` (or ``$DBKIT_PG_RUN_AS``, else ``nobody``), because
+PostgreSQL refuses to run as root and pytest-postgresql cannot start it then.
+
+Fixtures
+--------
+pg_server    (session)  the started LocalPostgres shared by the whole run
+pg_noproc    (session)  pytest-postgresql on top of pg_server: builds the template database
+postgresql   (function) psycopg connection to a fresh database cloned from the template
+db_url       (function) SQLAlchemy URL (str) of that per-test database
+make_server  (function) factory for private servers for fault tests; all stopped at teardown
+free_port    (function) a 127.0.0.1 port with nothing listening
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Protocol
+
+import psycopg
+import pytest
+from pytest_postgresql import factories
+from sqlalchemy.engine import URL
+
+from dbkit.database import Database
+from dbkit.local import LocalPostgres
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[LocalPostgres]:
+    """The run's PostgreSQL: temp data dir, free port on 127.0.0.1, trust auth, no password.
+
+    It also has the attributes pytest-postgresql reads from a ``depends_on`` fixture.
+    """
+    # Generous max_connections: pool tests open many connections at once.
+    with LocalPostgres(settings={"max_connections": 200}) as server:
+        yield server
+
+
+# pytest-postgresql does the per-test database work on top of pg_server: a template database
+# "tests_pg_server_tmpl" built once per run (add load=[...] here to migrate it), and per test
+# a "tests_pg_server" database cloned from it and dropped afterwards.  This `postgresql`
+# overrides the plugin's own fixture of that name (which would start a server as root: fails).
+pg_noproc = factories.postgresql_noproc(depends_on="pg_server")
+postgresql = factories.postgresql("pg_noproc")
+
+
+@pytest.fixture
+def db_url(postgresql: psycopg.Connection) -> str:
+    """``postgresql+psycopg://postgres@127.0.0.1:<port>/<per-test db>`` for this test's database."""
+    info = postgresql.info
+    return URL.create(
+        "postgresql+psycopg",
+        username=info.user,
+        password=info.password or None,
+        host=info.host,
+        port=info.port,
+        database=info.dbname,
+    ).render_as_string(hide_password=False)
+
+
+class MakeServer(Protocol):
+    """``make_server(**settings)``: a started private server with those server settings.
+
+    ``password=`` gives the superuser a password required over TCP (default: trust).
+    ``start=False`` returns it unstarted, to prepare first, e.g. for SSL:
+    ``server.copy_in(key_file)`` then ``server.settings.update(ssl="on", ...)``.
+    """
+
+    def __call__(
+        self,
+        *,
+        start: bool = True,
+        password: str | None = None,
+        **settings: str | int | float | bool,
+    ) -> LocalPostgres: ...
+
+
+@pytest.fixture
+def make_server() -> Iterator[MakeServer]:
+    """Factory of private servers for tests that restart, kill or constrain a server
+    (e.g. ``make_server(max_connections=5)``); every server made is stopped at teardown."""
+    made: list[LocalPostgres] = []
+
+    def factory(
+        *, start: bool = True, password: str | None = None, **settings: str | int | float | bool
+    ) -> LocalPostgres:
+        server = LocalPostgres(settings=settings, password=password)
+        made.append(server)
+        return server.start() if start else server
+
+    yield factory
+    errors: list[BaseException] = []
+    for server in reversed(made):
+        try:
+            server.stop(mode="immediate")
+        except Exception as exc:  # stop the others anyway
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 with nothing listening (for "connection refused" tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# ----------------------------------------------------------------------------------------
+# Lead: the `db` fixture (dbkit.Database on db_url) goes here.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A connected ``dbkit.Database`` on this test's fresh database, closed afterwards."""
+    database = Database.from_url(db_url, max_open_conns=10, max_idle_conns=5).connect()
+    try:
+        yield database
+    finally:
+        database.close()
