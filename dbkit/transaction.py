@@ -33,6 +33,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, RootTransaction
 
 from dbkit.errors import (
+    DbkitError,
     RetryableError,
     TransactionBroken,
     TransactionError,
@@ -178,7 +179,12 @@ class _State:
 
     @property
     def rollback_reason(self) -> BaseException | None:
-        return self.failed_exc or self.rollback_exc
+        return self.rollback_exc or self.failed_exc
+
+    @property
+    def silent_rollback(self) -> bool:
+        """The last word on the flag was an explicit set_rollback(True)."""
+        return self.needs_rollback and self.rollback_exc is None
 
 
 class Transaction:
@@ -300,18 +306,23 @@ class TransactionManager:
 
     def enter(self, tx: Transaction) -> DbkitConnection:
         state = self._state()
-        if state.conn is None:
-            self._begin(state, tx)
-            block = _Block(tx, None)
-            state.blocks.append(block)
-        else:
-            block = self._begin_nested(state, tx)
-        if tx.timeout is not None:
-            self._set_timeout(state, block, tx.timeout)
-        assert state.conn is not None
-        return state.conn
+        conn = state.conn
+        if conn is not None:
+            self._begin_nested(state, tx)
+            return conn
+        conn, root = self._begin(state, tx)
+        block = _Block(tx, None)
+        state.blocks.append(block)
+        try:
+            if tx.timeout is not None:
+                self._set_timeout(state, block, tx.timeout)
+        except BaseException:
+            _quiet_rollback(root, conn)
+            self._release(state)
+            raise
+        return conn
 
-    def _begin(self, state: _State, tx: Transaction) -> None:
+    def _begin(self, state: _State, tx: Transaction) -> tuple[DbkitConnection, RootTransaction]:
         conn = self._db._checkout()
         assert isinstance(conn, DbkitConnection)
         try:
@@ -323,14 +334,16 @@ class TransactionManager:
                 options["postgresql_readonly"] = True
             if options:
                 conn.execution_options(**options)
-            state.root = conn.begin()
+            root = conn.begin()
         except BaseException:
             conn.close()
             raise
         state.conn = conn
+        state.root = root
         state.isolation = tx.isolation
         state.readonly = bool(tx.readonly)
         conn._dbkit_state = state
+        return conn, root
 
     def _begin_nested(self, state: _State, tx: Transaction) -> _Block:
         app_outermost = state.testing and not state.blocks
@@ -351,6 +364,17 @@ class TransactionManager:
             )
         if tx.readonly is False and state.readonly:
             raise TransactionError("a read-write block cannot be nested in a read-only block")
+        make_readonly = bool(tx.readonly) and not state.readonly
+        if state.cannot_commit and (make_readonly or tx.timeout is not None):
+            # Both need a statement, and none can run until the broken block ends.
+            raise TransactionBroken(
+                "cannot open a read-only or timed block: an error occurred earlier in this "
+                "transaction block and no statement can run until it ends"
+            ) from state.rollback_reason
+        if make_readonly and not tx.savepoint:
+            raise TransactionError(
+                "readonly=True in a nested block needs a savepoint (savepoint=True)"
+            )
         savepoint = None
         if tx.savepoint and not state.cannot_commit:
             state.savepoint_counter += 1
@@ -359,16 +383,22 @@ class TransactionManager:
             state.savepoint_ids.append(savepoint)
         block = _Block(tx, savepoint)
         state.blocks.append(block)
-        if tx.readonly and not state.readonly:
-            if savepoint is None:
-                state.blocks.pop()
-                raise TransactionError(
-                    "readonly=True in a nested block needs a savepoint (savepoint=True)"
-                )
-            # Reverted by PostgreSQL itself when the savepoint is released or rolled back.
-            self._internal(state, "SET TRANSACTION READ ONLY")
-            block.was_readonly = state.readonly
-            state.readonly = True
+        try:
+            if make_readonly:
+                # Reverted by PostgreSQL itself when the savepoint is released or rolled back.
+                self._internal(state, "SET TRANSACTION READ ONLY")
+                block.was_readonly = state.readonly
+                state.readonly = True
+            if tx.timeout is not None:
+                self._set_timeout(state, block, tx.timeout)
+        except BaseException as error:
+            # Never leave a half-opened block behind: its `with` will not exit it.
+            state.blocks.pop()
+            if block.was_readonly is not None:
+                state.readonly = block.was_readonly
+            if savepoint is not None:
+                self._rollback_savepoint(state, savepoint, error)
+            raise
         return block
 
     def _isolation_of(self, state: _State) -> str:
@@ -402,10 +432,29 @@ class TransactionManager:
         block = state.blocks.pop()
         if block.was_readonly is not None:
             state.readonly = block.was_readonly
+        if exc is None and not state.cannot_commit and _server_aborted(state.conn):
+            # A statement failed where dbkit could not see it (e.g. on the raw driver
+            # connection) and PostgreSQL aborted the transaction: never try to commit it.
+            state.failed_exc = TransactionError(
+                "a statement failed outside dbkit's view; PostgreSQL reports the transaction "
+                "as aborted"
+            )
+            state.needs_rollback = True
+            state.rollback_exc = state.failed_exc
         if state.blocks or state.testing:
             self._exit_nested(state, block, exc)
-        else:
+            return
+        try:
             self._exit_outermost(state, exc)
+        except Exception as error:
+            retryable = _as_retryable(error)
+            if retryable is None:
+                raise
+            raise retryable from error
+        if isinstance(exc, Exception):
+            retryable = _as_retryable(exc)
+            if retryable is not None:
+                raise retryable from exc
 
     def _exit_nested(self, state: _State, block: _Block, exc: BaseException | None) -> None:
         if exc is None and not state.cannot_commit:
@@ -428,8 +477,8 @@ class TransactionManager:
                 state.rollback_exc = exc
             return
 
-        reason = state.rollback_reason if exc is None else None
-        silent = exc is None and reason is None
+        silent = exc is None and state.silent_rollback
+        reason = state.rollback_reason
         if self._rollback_savepoint(state, block.savepoint, exc):
             self._restore_timeout(state, block)
         if not silent and exc is None:
@@ -472,15 +521,14 @@ class TransactionManager:
         assert conn is not None and root is not None
         callbacks: list[tuple[tuple[str, ...], Callable[[], Any], bool]] = []
         try:
-            if exc is None and not state.cannot_commit and not _server_aborted(conn):
+            if exc is None and not state.cannot_commit:
                 self._commit(state, root)
                 callbacks = state.callbacks
             else:
-                reason = state.rollback_reason if exc is None else None
-                if reason is None and exc is None and _server_aborted(conn):
-                    reason = TransactionError("the server reports the transaction as failed")
+                silent = state.silent_rollback
+                reason = state.rollback_reason
                 _quiet_rollback(root, conn)
-                if exc is None and reason is not None:
+                if exc is None and not silent:
                     raise TransactionRolledBack(
                         "the transaction was rolled back because an error marked it for "
                         "rollback; nothing was committed"
@@ -543,10 +591,11 @@ class TransactionManager:
                 if not _worth_retrying(error):
                     raise
                 if attempt >= retries:
+                    cause = error.__cause__ if isinstance(error, RetryableError) else error
                     raise RetryableError(
                         f"transaction failed {attempt + 1} time(s) with a retryable error "
-                        f"({sqlstate_of(error) or type(error).__name__}); giving up"
-                    ) from error
+                        f"({sqlstate_of(error) or type(cause).__name__}); giving up"
+                    ) from cause
                 attempt += 1
                 delay = min(_RETRY_MAX_DELAY, _RETRY_BASE_DELAY * 2**attempt)
                 delay = random.uniform(delay / 2, delay)
@@ -580,9 +629,11 @@ class TransactionManager:
             state.reset()
 
 
-def _server_aborted(conn: sa.Connection) -> bool:
+def _server_aborted(conn: sa.Connection | None) -> bool:
     """What libpq knows about the server's transaction: INERROR after any failed statement,
     even one whose error was swallowed outside dbkit's view."""
+    if conn is None:
+        return True
     try:
         dbapi = conn.connection.dbapi_connection
     except sa_exc.SQLAlchemyError:
@@ -613,6 +664,21 @@ def _run_callback(func: Callable[[], Any], robust: bool) -> None:
     except Exception as error:
         name = getattr(func, "__qualname__", repr(func))
         logger.opt(exception=error).error("on_commit callback {} failed", name)
+
+
+def _as_retryable(error: Exception) -> RetryableError | None:
+    """The whole transaction was rolled back for a reason that running it again may cure:
+    say so in dbkit's terms (the driver's error stays attached as ``__cause__``)."""
+    if isinstance(error, DbkitError) or not _worth_retrying(error):
+        return None
+    state = sqlstate_of(error)
+    what = {"40001": "serialization failure", "40P01": "deadlock"}.get(
+        state or "", "connection lost before COMMIT"
+    )
+    return RetryableError(
+        f"{what}{f' ({state})' if state else ''}: the transaction was rolled back and can be "
+        "run again (db.run_in_transaction(fn, retries=N) or @db.transaction(retries=N))"
+    )
 
 
 def _worth_retrying(error: BaseException) -> bool:

@@ -127,3 +127,28 @@ def db(db_url: str) -> Iterator[Database]:
         yield database
     finally:
         database.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_transaction(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test using ``db``: no block left open in this thread, no connection left
+    checked out."""
+    if "db" not in request.fixturenames:
+        yield
+        return
+    database: Database = request.getfixturevalue("db")  # set up first, torn down after this
+    yield
+    assert not database.in_transaction(), "a transaction block was left open"
+    assert database.stats().in_use == 0, "a connection was left checked out"
+
+
+@pytest.fixture
+def reporters(db: Database) -> Database:
+    """Django's ``transactions_reporter`` table, for the ported transaction tests."""
+    db.execute(
+        "CREATE TABLE reporters ("
+        " id serial PRIMARY KEY,"
+        " first_name text NOT NULL DEFAULT '',"
+        " last_name text NOT NULL DEFAULT '')"
+    )
+    return db

@@ -236,13 +236,15 @@ def test_connection_killed_mid_transaction(db_url: str) -> None:
     db = Database.from_url(db_url, application_name=app).connect()
     try:
         db.execute("CREATE TABLE items (id int primary key)")
-        with pytest.raises(sa.exc.OperationalError) as info, db.transaction() as conn:
+        with pytest.raises(dbkit.RetryableError) as info, db.transaction() as conn:
             conn.exec_driver_sql("INSERT INTO items VALUES (1)")
             terminate(psycopg_url(db_url), app)
             conn.exec_driver_sql("INSERT INTO items VALUES (2)")
-        # The driver's error reaches the caller, the pool knows the connection is gone,
-        # and nothing was written.
-        assert info.value.connection_invalidated
+        # A clear error (the work is safe to run again, the driver's error attached), the
+        # pool knows the connection is gone, and nothing was written.
+        assert "connection lost before COMMIT" in str(info.value)
+        cause = info.value.__cause__
+        assert isinstance(cause, sa.exc.OperationalError) and cause.connection_invalidated
         assert dbkit.is_transient(info.value)
         assert db.stats().in_use == 0
         assert db.scalar("SELECT count(*) FROM items") == 0
