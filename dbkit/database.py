@@ -7,13 +7,15 @@ machinery lives in ``dbkit.transaction``.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import backoff
+import psycopg
 import sqlalchemy as sa
 from loguru import logger
 from sqlalchemy import exc as sa_exc
@@ -232,10 +234,26 @@ class Database:
         with self._autocommit() as conn:
             return conn.scalar(stmt, params)
 
-    def _autocommit(self) -> DbkitConnection:
+    @contextlib.contextmanager
+    def _autocommit(self) -> Iterator[DbkitConnection]:
+        """A pooled connection in autocommit for one statement.  The driver flag is set
+        directly: SQLAlchemy's isolation_level option would also reset the isolation level
+        and read-only mode on return, several driver calls per statement for nothing."""
         conn = self._checkout()
-        conn.execution_options(isolation_level="AUTOCOMMIT")
-        return conn
+        try:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            dbapi.autocommit = True
+            try:
+                yield conn
+            finally:
+                try:
+                    dbapi.autocommit = False
+                except psycopg.Error:
+                    # A broken connection must not go back to the pool half-configured.
+                    conn.invalidate()
+        finally:
+            conn.close()
 
     # -- transactions ----------------------------------------------------------------------
 

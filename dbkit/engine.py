@@ -101,7 +101,7 @@ def create_engine(
         "max_overflow": max_overflow,
         "pool_timeout": config.timeout,
         "pool_use_lifo": True,
-        "pool_reset_on_return": "rollback",
+        "pool_reset_on_return": None,  # dbkit.pool's reset listener rolls back when needed
         "pool_pre_ping": False,  # replaced by the idle-aware check in dbkit.pool
         "hide_parameters": True,
         "connect_args": connect_args(config),

@@ -27,7 +27,7 @@ import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState, QueuePool
 
 from dbkit.stats import PoolCounters
 
@@ -38,6 +38,7 @@ __all__ = ["DbkitQueuePool", "PoolPolicy", "evict_expired", "install_pool_events
 _LIFETIME_JITTER = 0.05
 
 _returning = threading.local()
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 class DbkitQueuePool(QueuePool):
@@ -159,11 +160,11 @@ def install_pool_events(engine: Engine, counters: PoolCounters, policy: PoolPoli
             ):
                 counters.add("invalidated")
                 raise sa_exc.DisconnectionError("pooled connection is no longer alive")
-        counters.add("in_use")
+        counters.checked_out()
 
     @event.listens_for(engine, "checkin")
     def on_checkin(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
-        counters.add("in_use", -1)
+        counters.checked_in()
         if dbapi_conn is None:  # invalidated while checked out
             return
         record.info["dbkit_returned"] = time.monotonic()
@@ -171,6 +172,16 @@ def install_pool_events(engine: Engine, counters: PoolCounters, policy: PoolPoli
             # max_idle_conns = 0: Go keeps no idle connection at all.
             counters.add("max_idle_closed")
             record.invalidate()
+
+    @event.listens_for(engine, "reset")
+    def on_reset(dbapi_conn: Any, record: ConnectionPoolEntry, state: PoolResetState) -> None:
+        # Replaces QueuePool's unconditional rollback-on-return (the engine is built with
+        # pool_reset_on_return=None): libpq already knows whether a transaction is open, so
+        # an idle connection skips the driver call.
+        if state.terminate_only:
+            return
+        if dbapi_conn.pgconn.transaction_status != _IDLE:
+            dbapi_conn.rollback()
 
     @event.listens_for(engine, "close")
     def on_close(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:

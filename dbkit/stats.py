@@ -67,6 +67,15 @@ class PoolCounters:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
+    # The two calls made on every checkout and return, kept free of getattr/setattr.
+    def checked_out(self) -> None:
+        with self._lock:
+            self.in_use += 1
+
+    def checked_in(self) -> None:
+        with self._lock:
+            self.in_use -= 1
+
     def waited(self, seconds: float, timed_out: bool) -> None:
         with self._lock:
             self.wait_count += 1

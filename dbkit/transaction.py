@@ -62,6 +62,9 @@ _ISOLATION_LEVELS = {
 # SQLSTATEs after which re-running the whole transaction is the documented remedy.
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})
 _RETRY_BASE_DELAY = 0.01
+_ABORTED = frozenset(
+    {int(psycopg.pq.TransactionStatus.INERROR), int(psycopg.pq.TransactionStatus.UNKNOWN)}
+)
 _RETRY_MAX_DELAY = 1.0
 
 
@@ -114,6 +117,31 @@ class DbkitConnection(sa.Connection):
     def close(self) -> None:
         self._refuse("Connection.close()")
         super().close()
+
+    if not TYPE_CHECKING:  # same signatures as sqlalchemy.Connection for type checkers
+        # The broken-transaction guard sits here rather than in a `before_execute` event:
+        # any ConnectionEvents listener makes SQLAlchemy take its slower event path on
+        # every statement of every connection.
+
+        def execute(self, *args, **kwargs):
+            if self._dbkit_state is not None:
+                self._dbkit_state.check_can_run()
+            return super().execute(*args, **kwargs)
+
+        def exec_driver_sql(self, *args, **kwargs):
+            if self._dbkit_state is not None:
+                self._dbkit_state.check_can_run()
+            return super().exec_driver_sql(*args, **kwargs)
+
+        def scalar(self, *args, **kwargs):
+            if self._dbkit_state is not None:
+                self._dbkit_state.check_can_run()
+            return super().scalar(*args, **kwargs)
+
+        def scalars(self, *args, **kwargs):
+            if self._dbkit_state is not None:
+                self._dbkit_state.check_can_run()
+            return super().scalars(*args, **kwargs)
 
 
 class _Block:
@@ -180,6 +208,22 @@ class _State:
     @property
     def rollback_reason(self) -> BaseException | None:
         return self.rollback_exc or self.failed_exc
+
+    def check_can_run(self) -> None:
+        """Refuse a statement in a block that can no longer commit (Django's rule), chained
+        from the error that broke it rather than PostgreSQL's bare 25P02."""
+        if self.internal or not self.cannot_commit:
+            return
+        if self.rollback_reason is not None:
+            raise TransactionBroken(
+                "an error occurred earlier in this transaction block; no statement can run "
+                "until the block ends (catch errors outside a nested db.transaction() to "
+                "recover inside a transaction)"
+            ) from self.rollback_reason
+        raise TransactionBroken(
+            "this transaction is marked for rollback (set_rollback(True)); no statement can "
+            "run until the block ends"
+        )
 
     @property
     def silent_rollback(self) -> bool:
@@ -640,8 +684,8 @@ def _server_aborted(conn: sa.Connection | None) -> bool:
         return True
     if dbapi is None:
         return True
-    status = dbapi.info.transaction_status
-    return status in (psycopg.pq.TransactionStatus.INERROR, psycopg.pq.TransactionStatus.UNKNOWN)
+    # pgconn's plain int, not `info.transaction_status`, which builds two objects per call.
+    return dbapi.pgconn.transaction_status in _ABORTED
 
 
 def _quiet_rollback(root: RootTransaction, conn: sa.Connection) -> None:
@@ -696,24 +740,8 @@ def _worth_retrying(error: BaseException) -> bool:
 
 
 def install_transaction_events(engine: Engine) -> None:
-    """Statement hooks: refuse statements in a broken block, notice statements that fail."""
+    """Hand out DbkitConnections, and notice statements that fail inside a block."""
     engine._connection_cls = DbkitConnection
-
-    @event.listens_for(engine, "before_execute")
-    def guard_broken(conn: sa.Connection, *args: Any) -> None:
-        state = getattr(conn, "_dbkit_state", None)
-        if state is None or state.internal or not state.cannot_commit:
-            return
-        if state.failed_exc is not None or state.rollback_exc is not None:
-            raise TransactionBroken(
-                "an error occurred earlier in this transaction block; no statement can run "
-                "until the block ends (catch errors outside a nested db.transaction() to "
-                "recover inside a transaction)"
-            ) from state.rollback_reason
-        raise TransactionBroken(
-            "this transaction is marked for rollback (set_rollback(True)); no statement can "
-            "run until the block ends"
-        )
 
     @event.listens_for(engine, "handle_error")
     def notice_failure(context: sa.engine.ExceptionContext) -> None:
