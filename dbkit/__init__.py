@@ -21,6 +21,7 @@ from dbkit.errors import (
 )
 from dbkit.health import Health
 from dbkit.logging import configure_logging
+from dbkit.resilience import CircuitBreaker
 from dbkit.settings import (
     DatabaseConfig,
     LogConfig,
@@ -39,6 +40,7 @@ _logger.disable("dbkit")
 __version__ = "0.1.0"
 
 __all__ = [
+    "CircuitBreaker",
     "CircuitOpenError",
     "ConfigError",
     "ConnectError",

@@ -22,9 +22,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, Result
 
 from dbkit.engine import create_engine, pool_policy
-from dbkit.errors import ConnectError, PoolTimeoutError, is_transient
+from dbkit.errors import CircuitOpenError, ConnectError, PoolTimeoutError, is_transient
 from dbkit.health import Health
 from dbkit.pool import evict_expired
+from dbkit.resilience import CircuitBreaker
 from dbkit.stats import PoolCounters, PoolStats
 from dbkit.transaction import (
     DbkitConnection,
@@ -73,6 +74,11 @@ class Database:
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
         self._counters = PoolCounters(config.max_open_conns)
+        self.breaker = CircuitBreaker(
+            config.breaker_failure_threshold,
+            config.breaker_recovery_timeout,
+            name=config.safe_dsn(),
+        )
         self._transactions = TransactionManager(self)
         self._sweeper: _Sweeper | None = None
         self._closed = False
@@ -112,7 +118,7 @@ class Database:
                     raise ConnectError(f"{self!r} is closed")
                 if self._engine is None:
                     self._engine = create_engine(
-                        self._config, self._counters, **self._engine_options
+                        self._config, self._counters, self.breaker, **self._engine_options
                     )
                     install_transaction_events(self._engine)
                 engine = self._engine
@@ -144,7 +150,8 @@ class Database:
             backoff.expo,
             Exception,
             max_tries=config.max_retries + 1,
-            giveup=lambda error: not is_transient(error),
+            # An open breaker is worth waiting out: its probe may find the server back.
+            giveup=lambda error: not (is_transient(error) or isinstance(error, CircuitOpenError)),
             factor=config.retry_delay,
             max_value=max(_MAX_CONNECT_DELAY, config.retry_delay),
             jitter=_min_delay_jitter,
@@ -154,7 +161,8 @@ class Database:
         try:
             retrying()
         except Exception as error:
-            kind = "transient, retries exhausted" if is_transient(error) else "permanent"
+            transient = is_transient(error) or isinstance(error, CircuitOpenError)
+            kind = "transient, retries exhausted" if transient else "permanent"
             raise ConnectError(
                 f"cannot connect to {config.safe_dsn()} after {self.connect_attempts} "
                 f"attempt(s) ({kind}): {_reason(error)}"
@@ -338,7 +346,13 @@ class Database:
         except Exception as exc:
             error = f"{type(exc).__name__}: {_reason(exc)}"
         latency_ms = (time.perf_counter() - started) * 1000
-        return Health(ok=error is None, latency_ms=latency_ms, error=error, pool=self.stats())
+        return Health(
+            ok=error is None,
+            latency_ms=latency_ms,
+            error=error,
+            pool=self.stats(),
+            breaker=self.breaker.state,
+        )
 
     def evict_expired(self) -> int:
         """Close idle connections past conn_max_idle_time / conn_max_lifetime now."""

@@ -24,9 +24,11 @@ import weakref
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from dbkit.pool import DbkitQueuePool, PoolPolicy, install_pool_events
+from dbkit.resilience import CircuitBreaker
 from dbkit.settings import PostgresConfig
 from dbkit.stats import PoolCounters
 
@@ -85,6 +87,7 @@ def _pool_sizes(config: PostgresConfig) -> tuple[int, int]:
 def create_engine(
     config: PostgresConfig,
     counters: PoolCounters | None = None,
+    breaker: CircuitBreaker | None = None,
     **engine_options: Any,
 ) -> Engine:
     """Build the engine for ``config``; ``counters`` receive the pool statistics.
@@ -111,8 +114,22 @@ def create_engine(
     if isinstance(engine.pool, DbkitQueuePool):
         engine.pool.counters = counters
     install_pool_events(engine, counters, pool_policy(config))
+    if breaker is not None and breaker.enabled:
+        _guard_connects(engine, breaker)
     _forget_connections_after_fork(engine, counters)
     return engine
+
+
+def _guard_connects(engine: Engine, breaker: CircuitBreaker) -> None:
+    """Every new physical connection goes through the breaker (reused pooled connections
+    do not: they need no server handshake)."""
+
+    @event.listens_for(engine, "do_connect")
+    def connect_through_breaker(
+        dialect: Any, record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
+    ) -> Any:
+        with breaker.guard():
+            return dialect.loaded_dbapi.connect(*cargs, **cparams)
 
 
 # Engines made here, with their counters, so a forked child can forget their connections.

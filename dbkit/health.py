@@ -18,6 +18,7 @@ class Health:
     latency_ms: float
     error: str | None
     pool: PoolStats
+    breaker: str = "closed"  # the connect circuit breaker: closed, open or half_open
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -172,6 +172,8 @@ class PostgresConfig:
     idle_in_transaction_session_timeout: float = 0.0  # 0 = server default
     application_name: str = "dbkit"
     ping_after_idle: float = 1.0  # ping at checkout only after this much idleness
+    breaker_failure_threshold: int = 5  # consecutive connect failures that open it; 0 = off
+    breaker_recovery_timeout: float = 30.0  # open this long before one probe is let through
 
     def __post_init__(self) -> None:
         problems, failed = _coerce_fields(self, _PG)
@@ -199,7 +201,12 @@ class PostgresConfig:
                 problems.append(
                     f"{_PG}.sslmode: {self.sslmode!r} is not one of {', '.join(SSLMODES)}"
                 )
-        for name in ("max_open_conns", "max_idle_conns", "max_retries"):
+        for name in (
+            "max_open_conns",
+            "max_idle_conns",
+            "max_retries",
+            "breaker_failure_threshold",
+        ):
             if ok(name) and getattr(self, name) < 0:
                 problems.append(f"{_PG}.{name}: {getattr(self, name)} must not be negative")
         if (

@@ -1,0 +1,136 @@
+"""Circuit breaker around making connections.
+
+After ``failure_threshold`` consecutive *transient* connect failures (refused, timed out,
+too many clients, starting up …) the breaker opens: new connections fail at once with
+``CircuitOpenError`` instead of each caller waiting out its own connect timeout against a
+server that is down.  After ``recovery_timeout`` one caller is let through as a probe; its
+success closes the breaker, its failure opens it again.
+
+The lock guards state changes only, never the call itself (pybreaker's ``call()`` holds its
+lock for the whole call and so serialises every caller).  Permanent errors (bad password,
+unknown database) and pool exhaustion say nothing about the server's health and are not
+counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+from loguru import logger
+
+from dbkit.errors import CircuitOpenError, is_transient
+
+__all__ = ["BreakerState", "CircuitBreaker"]
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """A small, thread-safe breaker; ``failure_threshold=0`` disables it."""
+
+    def __init__(
+        self,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 30.0,
+        *,
+        name: str = "database",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.recovery_timeout = recovery_timeout
+        self.name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self.times_opened = 0
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            if self._state == "open" and self._clock() - self._opened_at >= self.recovery_timeout:
+                return "half_open"
+            return self._state
+
+    @property
+    def enabled(self) -> bool:
+        return self.failure_threshold > 0
+
+    def before_call(self) -> None:
+        """Let the call through, or raise ``CircuitOpenError``."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._state == "closed":
+                return
+            waited = self._clock() - self._opened_at
+            if self._state == "open" and waited < self.recovery_timeout:
+                raise CircuitOpenError(
+                    f"circuit breaker for {self.name} is open after {self._failures} "
+                    f"consecutive connection failures; next attempt in "
+                    f"{self.recovery_timeout - waited:.1f}s"
+                )
+            if self._probing:
+                raise CircuitOpenError(
+                    f"circuit breaker for {self.name} is half-open; a probe is under way"
+                )
+            self._state = "half_open"
+            self._probing = True
+
+    def record_success(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            was = self._state
+            self._state = "closed"
+            self._failures = 0
+            self._probing = False
+        if was != "closed":
+            logger.bind(audit="breaker_closed").info(
+                "circuit breaker for {} closed: the database answers again", self.name
+            )
+
+    def record_failure(self, error: BaseException) -> None:
+        if not self.enabled:
+            return
+        if not is_transient(error):
+            with self._lock:
+                # Not the server's fault; a probe that failed this way still ends.
+                self._probing = False
+                if self._state == "half_open":
+                    self._state = "closed"
+            return
+        opened = False
+        with self._lock:
+            self._failures += 1
+            self._probing = False
+            if self._state == "half_open" or self._failures >= self.failure_threshold:
+                opened = self._state != "open"
+                self._state = "open"
+                self._opened_at = self._clock()
+                if opened:
+                    self.times_opened += 1
+        if opened:
+            logger.bind(audit="breaker_opened").warning(
+                "circuit breaker for {} opened after {} consecutive failures: {}",
+                self.name,
+                self._failures,
+                type(error).__name__,
+            )
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """``with breaker.guard(): connect()`` — counts the outcome of the body."""
+        self.before_call()
+        try:
+            yield
+        except BaseException as error:
+            self.record_failure(error)
+            raise
+        self.record_success()
