@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine, Result
 
 from dbkit.engine import create_engine, pool_policy
 from dbkit.errors import CircuitOpenError, ConnectError, PoolTimeoutError, is_transient
-from dbkit.health import Health
+from dbkit.health import Health, HealthMonitor
 from dbkit.pool import evict_expired
 from dbkit.resilience import CircuitBreaker
 from dbkit.stats import PoolCounters, PoolStats
@@ -81,6 +81,7 @@ class Database:
         )
         self._transactions = TransactionManager(self)
         self._sweeper: _Sweeper | None = None
+        self._monitor: HealthMonitor | None = None
         self._closed = False
         self.connect_attempts = 0  # attempts made by the last connect(), for operators/tests
 
@@ -167,9 +168,21 @@ class Database:
                 f"cannot connect to {config.safe_dsn()} after {self.connect_attempts} "
                 f"attempt(s) ({kind}): {_reason(error)}"
             ) from error
-        logger.info("connected to {}", config.safe_dsn())
+        logger.bind(audit="connected").info("connected to {}", config.safe_dsn())
         self._start_sweeper()
+        self._start_monitor()
         return self
+
+    def _start_monitor(self) -> None:
+        interval = self._config.health_check_interval
+        if self._monitor is None and interval > 0:
+            self._monitor = HealthMonitor(self.health, interval, self._config.safe_dsn())
+            self._monitor.start()
+
+    @property
+    def last_health(self) -> Health | None:
+        """The background monitor's latest probe (None when it is off or has not run)."""
+        return None if self._monitor is None else self._monitor.last
 
     def _start_sweeper(self) -> None:
         config = self._config
@@ -183,9 +196,10 @@ class Database:
         """Close every pooled connection; idempotent.  Connections still checked out are
         closed when they come back."""
         self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
+        for worker in (self._sweeper, self._monitor):
+            if worker is not None:
+                worker.stop()
+        self._sweeper = self._monitor = None
         with self._engine_lock:
             engine, self._engine = self._engine, None
         if engine is not None:
