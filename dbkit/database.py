@@ -24,9 +24,10 @@ from sqlalchemy.engine import Engine, Result
 from dbkit.engine import create_engine, pool_policy
 from dbkit.errors import CircuitOpenError, ConnectError, PoolTimeoutError, is_transient
 from dbkit.health import Health, HealthMonitor
+from dbkit.metrics import StatementObserver
 from dbkit.pool import evict_expired
 from dbkit.resilience import CircuitBreaker
-from dbkit.stats import PoolCounters, PoolStats
+from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
 from dbkit.transaction import (
     DbkitConnection,
     Transaction,
@@ -68,8 +69,22 @@ def _reason(error: BaseException) -> str:
 class Database:
     """A PostgreSQL database reached through a tuned, instrumented SQLAlchemy pool."""
 
-    def __init__(self, config: PostgresConfig, **engine_options: Any) -> None:
+    def __init__(
+        self,
+        config: PostgresConfig,
+        *,
+        slow_query_threshold: float = 0.0,
+        log_slow_query_parameters: bool = False,
+        **engine_options: Any,
+    ) -> None:
+        """``slow_query_threshold`` (seconds, 0 = off) logs slower statements, without their
+        parameter values unless ``log_slow_query_parameters``; ``engine_options`` go to
+        ``sqlalchemy.create_engine`` (an escape hatch)."""
         self._config = config
+        self._queries = QueryCounters()
+        self._observer = StatementObserver(
+            self._queries, slow_query_threshold, log_slow_query_parameters
+        )
         self._engine_options = engine_options
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
@@ -89,7 +104,11 @@ class Database:
 
     @classmethod
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Self:
-        return cls(settings.database.postgres, **engine_options)
+        return cls(
+            settings.database.postgres,
+            slow_query_threshold=settings.log.slow_query_threshold,
+            **engine_options,
+        )
 
     @classmethod
     def from_url(cls, url: str | sa.URL, **overrides: Any) -> Self:
@@ -121,7 +140,7 @@ class Database:
                     self._engine = create_engine(
                         self._config, self._counters, self.breaker, **self._engine_options
                     )
-                    install_transaction_events(self._engine)
+                    install_transaction_events(self._engine, self._observer)
                 engine = self._engine
         return engine
 
@@ -348,7 +367,13 @@ class Database:
     # -- observability ---------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
+        """The pool, as Go's ``sql.DBStats``."""
         return self._counters.snapshot()
+
+    def query_stats(self) -> QueryStats:
+        """Statements (count, errors by class, latency histogram, slow ones) and
+        transactions (committed, rolled back, retried) since this Database was made."""
+        return self._queries.snapshot()
 
     def health(self) -> Health:
         """Probe the database with one round trip; never raises."""

@@ -1,4 +1,4 @@
-"""Pool statistics in the shape of Go's ``sql.DBStats``.
+"""Pool statistics in the shape of Go's ``sql.DBStats``, and statement/transaction metrics.
 
 SQLAlchemy's pool only knows its own size and how many connections are checked out, and
 ``Engine.dispose()`` replaces the pool object wholesale.  So the counters live here, in one
@@ -8,11 +8,13 @@ survive ``dispose()`` and reconnects.
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["PoolCounters", "PoolStats"]
+__all__ = ["LATENCY_BUCKETS", "PoolCounters", "PoolStats", "QueryCounters", "QueryStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,4 +102,82 @@ class PoolCounters:
                 connects=self.connects,
                 wait_timeouts=self.wait_timeouts,
                 invalidated=self.invalidated,
+            )
+
+
+# Latency bucket upper bounds in seconds (Prometheus' defaults, finer at the low end where
+# a local PostgreSQL answers).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class QueryStats:
+    """What the statements and transactions of one Database did since it was made."""
+
+    statements: int
+    errors: int
+    errors_by_class: dict[str, int]  # SQLSTATE class ("23", "40", "57" …) or exception type
+    total_seconds: float
+    latency_buckets: dict[str, int]  # cumulative counts by upper bound ("0.001" … "+Inf")
+    slow_statements: int
+    transactions_committed: int
+    transactions_rolled_back: int
+    transactions_retried: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class QueryCounters:
+    """Statement and transaction counters, fed by DbkitConnection and the transaction
+    manager.  One lock, held for a few increments: cheap next to a round trip."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.statements = 0
+        self.errors = 0
+        self.errors_by_class: dict[str, int] = {}
+        self.total_seconds = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.slow_statements = 0
+        self.transactions_committed = 0
+        self.transactions_rolled_back = 0
+        self.transactions_retried = 0
+
+    def statement(self, seconds: float, error_class: str | None, slow: bool) -> None:
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        with self._lock:
+            self.statements += 1
+            self.total_seconds += seconds
+            self.buckets[index] += 1
+            if slow:
+                self.slow_statements += 1
+            if error_class is not None:
+                self.errors += 1
+                self.errors_by_class[error_class] = self.errors_by_class.get(error_class, 0) + 1
+
+    def transaction(self, outcome: str) -> None:
+        """``outcome``: committed, rolled_back or retried."""
+        with self._lock:
+            name = f"transactions_{outcome}"
+            setattr(self, name, getattr(self, name) + 1)
+
+    def snapshot(self) -> QueryStats:
+        with self._lock:
+            cumulative, running = {}, 0
+            for bound, count in zip((*LATENCY_BUCKETS, math.inf), self.buckets, strict=True):
+                running += count
+                cumulative["+Inf" if bound == math.inf else f"{bound:g}"] = running
+            return QueryStats(
+                statements=self.statements,
+                errors=self.errors,
+                errors_by_class=dict(self.errors_by_class),
+                total_seconds=self.total_seconds,
+                latency_buckets=cumulative,
+                slow_statements=self.slow_statements,
+                transactions_committed=self.transactions_committed,
+                transactions_rolled_back=self.transactions_rolled_back,
+                transactions_retried=self.transactions_retried,
             )

@@ -40,6 +40,7 @@ from dbkit.errors import (
     TransactionRolledBack,
     sqlstate_of,
 )
+from dbkit.metrics import StatementObserver
 
 if TYPE_CHECKING:
     from dbkit.database import Database
@@ -118,30 +119,45 @@ class DbkitConnection(sa.Connection):
         self._refuse("Connection.close()")
         super().close()
 
+    # Set per engine (install_transaction_events makes a subclass): told about every
+    # statement for metrics and the slow-query log.
+    _dbkit_observer: StatementObserver | None = None
+
+    def _run(self, method: Callable[..., R], statement: Any, *args: Any, **kwargs: Any) -> R:
+        """Every statement passes here: the broken-transaction guard, then timing.  (Not a
+        `before_execute` event: any ConnectionEvents listener makes SQLAlchemy take its
+        slower event path on every statement of every connection.)"""
+        state = self._dbkit_state
+        if state is not None:
+            state.check_can_run()
+        observer = self._dbkit_observer
+        if observer is None:
+            return method(statement, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            result = method(statement, *args, **kwargs)
+        except Exception as error:
+            observer.observe(
+                time.perf_counter() - started, error, statement, args[:1], self.dialect
+            )
+            raise
+        observer.observe(time.perf_counter() - started, None, statement, args[:1], self.dialect)
+        return result
+
     if not TYPE_CHECKING:  # same signatures as sqlalchemy.Connection for type checkers
-        # The broken-transaction guard sits here rather than in a `before_execute` event:
-        # any ConnectionEvents listener makes SQLAlchemy take its slower event path on
-        # every statement of every connection.
 
-        def execute(self, *args, **kwargs):
-            if self._dbkit_state is not None:
-                self._dbkit_state.check_can_run()
-            return super().execute(*args, **kwargs)
+        def execute(self, statement, *args, **kwargs):
+            return self._run(super().execute, statement, *args, **kwargs)
 
-        def exec_driver_sql(self, *args, **kwargs):
-            if self._dbkit_state is not None:
-                self._dbkit_state.check_can_run()
-            return super().exec_driver_sql(*args, **kwargs)
+        def exec_driver_sql(self, statement, *args, **kwargs):
+            return self._run(super().exec_driver_sql, statement, *args, **kwargs)
 
-        def scalar(self, *args, **kwargs):
-            if self._dbkit_state is not None:
-                self._dbkit_state.check_can_run()
-            return super().scalar(*args, **kwargs)
+        def scalar(self, statement, *args, **kwargs):
+            return self._run(super().scalar, statement, *args, **kwargs)
 
-        def scalars(self, *args, **kwargs):
-            if self._dbkit_state is not None:
-                self._dbkit_state.check_can_run()
-            return super().scalars(*args, **kwargs)
+        def scalars(self, statement, *args, **kwargs):
+            # Connection.scalars() runs through self.execute: observed there.
+            return super().scalars(statement, *args, **kwargs)
 
 
 class _Block:
@@ -567,8 +583,10 @@ class TransactionManager:
         try:
             if exc is None and not state.cannot_commit:
                 self._commit(state, root)
+                self._db._queries.transaction("committed")
                 callbacks = state.callbacks
             else:
+                self._db._queries.transaction("rolled_back")
                 silent = state.silent_rollback
                 reason = state.rollback_reason
                 _quiet_rollback(root, conn)
@@ -641,6 +659,7 @@ class TransactionManager:
                         f"({sqlstate_of(error) or type(cause).__name__}); giving up"
                     ) from cause
                 attempt += 1
+                self._db._queries.transaction("retried")
                 delay = min(_RETRY_MAX_DELAY, _RETRY_BASE_DELAY * 2**attempt)
                 delay = random.uniform(delay / 2, delay)
                 logger.bind(attempt=attempt, sqlstate=sqlstate_of(error)).info(
@@ -739,9 +758,11 @@ def _worth_retrying(error: BaseException) -> bool:
     return False
 
 
-def install_transaction_events(engine: Engine) -> None:
+def install_transaction_events(engine: Engine, observer: StatementObserver | None = None) -> None:
     """Hand out DbkitConnections, and notice statements that fail inside a block."""
-    engine._connection_cls = DbkitConnection
+    engine._connection_cls = type(
+        "DbkitConnection", (DbkitConnection,), {"__slots__": (), "_dbkit_observer": observer}
+    )
 
     @event.listens_for(engine, "handle_error")
     def notice_failure(context: sa.engine.ExceptionContext) -> None:

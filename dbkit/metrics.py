@@ -1,0 +1,64 @@
+"""Statement observation: counts, latency histogram, errors by class, and the slow-query log.
+
+The slow-query log shows the statement and its timing but never its parameter values
+(they may be personal data or secrets) unless the application opts in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loguru import logger
+from sqlalchemy.engine import Dialect
+
+from dbkit.errors import sqlstate_of
+from dbkit.stats import QueryCounters
+
+__all__ = ["StatementObserver"]
+
+
+def _error_class(error: BaseException) -> str:
+    state = sqlstate_of(error)
+    return state[:2] if state else type(error).__name__
+
+
+def _sql_text(statement: Any, dialect: Dialect) -> str:
+    if isinstance(statement, str):
+        return statement
+    try:
+        return str(statement.compile(dialect=dialect))
+    except Exception:  # a statement that cannot compile alone (e.g. needs bound values)
+        return type(statement).__name__
+
+
+class StatementObserver:
+    """Told about every statement run through a dbkit connection."""
+
+    def __init__(
+        self,
+        counters: QueryCounters,
+        slow_query_threshold: float = 0.0,
+        log_slow_query_parameters: bool = False,
+    ) -> None:
+        self.counters = counters
+        self.slow_query_threshold = slow_query_threshold
+        self.log_slow_query_parameters = log_slow_query_parameters
+
+    def observe(
+        self,
+        seconds: float,
+        error: BaseException | None,
+        statement: Any,
+        parameters: Any,
+        dialect: Dialect,
+    ) -> None:
+        threshold = self.slow_query_threshold
+        slow = threshold > 0 and seconds >= threshold
+        self.counters.statement(seconds, None if error is None else _error_class(error), slow)
+        if slow:
+            record = logger.bind(duration_ms=round(seconds * 1000, 3), slow_query=True)
+            if self.log_slow_query_parameters:
+                record = record.bind(parameters=repr(parameters))
+            record.warning(
+                "slow statement ({:.1f} ms): {}", seconds * 1000, _sql_text(statement, dialect)
+            )
