@@ -25,7 +25,7 @@ from dbkit.engine import create_engine, pool_policy
 from dbkit.errors import CircuitOpenError, ConnectError, PoolTimeoutError, is_transient
 from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementObserver
-from dbkit.pool import evict_expired
+from dbkit.pool import LeakDetector, evict_expired
 from dbkit.resilience import CircuitBreaker
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
 from dbkit.transaction import (
@@ -95,6 +95,11 @@ class Database:
             name=config.safe_dsn(),
         )
         self._transactions = TransactionManager(self)
+        self._leaks = (
+            LeakDetector(config.leak_detection_threshold)
+            if config.leak_detection_threshold > 0
+            else None
+        )
         self._sweeper: _Sweeper | None = None
         self._monitor: HealthMonitor | None = None
         self._closed = False
@@ -141,6 +146,8 @@ class Database:
                         self._config, self._counters, self.breaker, **self._engine_options
                     )
                     install_transaction_events(self._engine, self._observer)
+                    if self._leaks is not None:
+                        self._leaks.install(self._engine)
                 engine = self._engine
         return engine
 
@@ -206,9 +213,13 @@ class Database:
     def _start_sweeper(self) -> None:
         config = self._config
         periods = [p for p in (config.conn_max_idle_time, config.conn_max_lifetime) if p > 0]
+        if self._leaks is not None:
+            periods.append(self._leaks.threshold / 2)
         if self._sweeper is None and periods:
-            # Go's connectionCleaner runs every min(idle time, lifetime), at least 1 s apart.
-            self._sweeper = _Sweeper(self, max(1.0, min(periods)))
+            # Go's connectionCleaner runs every min(idle time, lifetime), at least 1 s apart;
+            # leak checks run twice per threshold.
+            floor = 0.05 if self._leaks is not None else 1.0
+            self._sweeper = _Sweeper(self, max(floor, min(periods)))
             self._sweeper.start()
 
     def close(self) -> None:
@@ -415,6 +426,8 @@ class _Sweeper(threading.Thread):
         while not self._stop_event.wait(self._period):
             try:
                 self._db.evict_expired()
+                if self._db._leaks is not None:
+                    self._db._leaks.report()
             except Exception as error:
                 logger.opt(exception=error).warning("pool sweep failed")
 

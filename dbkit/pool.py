@@ -21,9 +21,11 @@ import random
 import select
 import threading
 import time
+import traceback
 from typing import Any
 
 import psycopg
+from loguru import logger
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
@@ -31,7 +33,13 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolRese
 
 from dbkit.stats import PoolCounters
 
-__all__ = ["DbkitQueuePool", "PoolPolicy", "evict_expired", "install_pool_events"]
+__all__ = [
+    "DbkitQueuePool",
+    "LeakDetector",
+    "PoolPolicy",
+    "evict_expired",
+    "install_pool_events",
+]
 
 # psycopg_pool shortens each connection's lifetime by up to 5% at random; pgx does the same
 # with MaxConnLifetimeJitter.  Without it a pool filled in one burst expires in one burst.
@@ -238,3 +246,59 @@ def evict_expired(engine: Engine, counters: PoolCounters, policy: PoolPolicy) ->
             record.close()
             closed += 1
     return closed
+
+
+class LeakDetector:
+    """Remembers where each connection was checked out, so that one held longer than
+    ``threshold`` can be reported with the code that took it (a leaked connection is the
+    usual cause of "QueuePool limit reached").  Capturing a stack costs tens of
+    microseconds per checkout, hence opt-in."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._lock = threading.Lock()
+        self._holders: dict[int, tuple[float, str, list[str]]] = {}
+        self._reported: set[int] = set()
+
+    def install(self, engine: Engine) -> None:
+        @event.listens_for(engine, "checkout")
+        def remember(dbapi_conn: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+            frames = traceback.extract_stack(limit=16)[:-1]
+            where = [
+                f"{f.filename}:{f.lineno} in {f.name}"
+                for f in frames
+                if "/sqlalchemy/" not in f.filename and not f.filename.endswith("dbkit/pool.py")
+            ]
+            with self._lock:
+                self._holders[id(record)] = (
+                    time.monotonic(),
+                    threading.current_thread().name,
+                    where[-8:],
+                )
+
+        @event.listens_for(engine, "checkin")
+        def forget(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+            with self._lock:
+                self._holders.pop(id(record), None)
+                self._reported.discard(id(record))
+
+    def report(self) -> int:
+        """Warn once about each connection held past the threshold; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [
+                (key, now - since, thread, where)
+                for key, (since, thread, where) in self._holders.items()
+                if now - since > self.threshold and key not in self._reported
+            ]
+            self._reported.update(key for key, *_ in overdue)
+        for _, held, thread, where in overdue:
+            logger.bind(leak=True, held_seconds=round(held, 3), thread=thread).warning(
+                "connection checked out for {:.1f}s (leak_detection_threshold {:g}s) by "
+                "thread {}, taken at:\n  {}",
+                held,
+                self.threshold,
+                thread,
+                "\n  ".join(where),
+            )
+        return len(overdue)

@@ -174,6 +174,7 @@ class PostgresConfig:
     ping_after_idle: float = 1.0  # ping at checkout only after this much idleness
     breaker_failure_threshold: int = 5  # consecutive connect failures that open it; 0 = off
     breaker_recovery_timeout: float = 30.0  # open this long before one probe is let through
+    leak_detection_threshold: float = 0.0  # warn about connections held longer; 0 = off
 
     def __post_init__(self) -> None:
         problems, failed = _coerce_fields(self, _PG)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -75,3 +76,24 @@ def test_slow_query_log_shows_the_statement_not_the_values(db_url: str, logs: li
     assert len(slow) == 1
     assert "pg_sleep(0.05)" in slow[0] and "hunter2-value" not in slow[0]
     assert db.query_stats().slow_statements == 1
+
+
+def test_leak_detection_reports_where_a_held_connection_was_taken(
+    db_url: str, logs: list[str]
+) -> None:
+    config = PostgresConfig.from_url(db_url, leak_detection_threshold=0.1)
+    with Database(config) as db:
+
+        def hold_connection_too_long() -> None:
+            with db.transaction() as conn:
+                conn.exec_driver_sql("SELECT 1")
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not any("checked out" in m for m in logs):
+                    time.sleep(0.02)
+
+        hold_connection_too_long()
+        with db.transaction():
+            pass  # a short checkout is never reported
+    reports = [m for m in logs if "checked out for" in m]
+    assert len(reports) == 1
+    assert "hold_connection_too_long" in reports[0] and "test_metrics.py" in reports[0]
