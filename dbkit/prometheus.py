@@ -1,0 +1,109 @@
+"""Prometheus exposition of a Database's pool and query metrics (extra: ``dbkit[prometheus]``).
+
+A custom collector reads ``db.stats()`` and ``db.query_stats()`` at scrape time, so the hot
+path pays nothing for it.  Metric names follow Go's ``database/sql`` collectors
+(``go_sql_*`` in prometheus/client_golang) with a ``dbkit_`` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from dbkit.database import Database
+
+__all__ = ["DatabaseCollector", "register_metrics"]
+
+
+class DatabaseCollector(Collector):
+    """Yields one database's metrics, labelled ``db=<name>``."""
+
+    def __init__(self, db: Database, name: str | None = None) -> None:
+        self._db = db
+        self._name = name or db.config.name
+
+    def collect(self) -> Iterator[Metric]:
+        label = ["db"]
+        value = [self._name]
+        pool = self._db.stats()
+        gauges = {
+            "max_open_connections": "Maximum number of open connections (0 = unlimited).",
+            "open_connections": "Open connections, in use and idle.",
+            "in_use": "Connections currently checked out.",
+            "idle": "Idle connections in the pool.",
+        }
+        for field, doc in gauges.items():
+            gauge = GaugeMetricFamily(f"dbkit_pool_{field}", doc, labels=label)
+            gauge.add_metric(value, getattr(pool, field))
+            yield gauge
+        counters = {
+            "wait_count": "Checkouts that had to wait for a connection.",
+            "wait_timeouts": "Checkouts that gave up after the pool timeout.",
+            "max_idle_closed": "Connections closed because max_idle_conns was reached.",
+            "max_idle_time_closed": "Connections closed for exceeding conn_max_idle_time.",
+            "max_lifetime_closed": "Connections closed for exceeding conn_max_lifetime.",
+            "connects": "Physical connections made.",
+            "invalidated": "Dead connections found and replaced.",
+        }
+        for field, doc in counters.items():
+            counter = CounterMetricFamily(f"dbkit_pool_{field}", doc, labels=label)
+            counter.add_metric(value, getattr(pool, field))
+            yield counter
+        waited = CounterMetricFamily(
+            "dbkit_pool_wait_duration_seconds", "Time spent waiting for a connection.", labels=label
+        )
+        waited.add_metric(value, pool.wait_duration)
+        yield waited
+
+        queries = self._db.query_stats()
+        histogram = HistogramMetricFamily(
+            "dbkit_statement_duration_seconds", "Statement latency.", labels=label
+        )
+        histogram.add_metric(
+            value, list(queries.latency_buckets.items()), sum_value=queries.total_seconds
+        )
+        yield histogram
+        errors = CounterMetricFamily(
+            "dbkit_statement_errors",
+            "Failed statements by SQLSTATE class.",
+            labels=[*label, "class"],
+        )
+        for error_class, count in sorted(queries.errors_by_class.items()):
+            errors.add_metric([*value, error_class], count)
+        yield errors
+        slow = CounterMetricFamily(
+            "dbkit_slow_statements", "Statements over slow_query_threshold.", labels=label
+        )
+        slow.add_metric(value, queries.slow_statements)
+        yield slow
+        transactions = CounterMetricFamily(
+            "dbkit_transactions", "Outermost transactions by outcome.", labels=[*label, "outcome"]
+        )
+        for outcome in ("committed", "rolled_back", "retried"):
+            transactions.add_metric([*value, outcome], getattr(queries, f"transactions_{outcome}"))
+        yield transactions
+        breaker = GaugeMetricFamily(
+            "dbkit_circuit_breaker_open",
+            "1 while the connect circuit breaker is open.",
+            labels=label,
+        )
+        breaker.add_metric(value, 0 if self._db.breaker.state == "closed" else 1)
+        yield breaker
+
+
+def register_metrics(
+    db: Database, registry: CollectorRegistry = REGISTRY, name: str | None = None
+) -> DatabaseCollector:
+    """Expose ``db``'s metrics on ``registry`` (the default one unless given)."""
+    collector = DatabaseCollector(db, name)
+    registry.register(collector)
+    return collector
