@@ -12,7 +12,7 @@ PYTHON = "3.11"
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,prometheus]")
     session.run("pytest", *session.posargs)
 
 
@@ -25,7 +25,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test,lint]")
+    session.install("-e", ".[test,lint,prometheus]")
     session.run("mypy")
 
 
