@@ -190,9 +190,13 @@ class Database:
         except Exception as error:
             transient = is_transient(error) or isinstance(error, CircuitOpenError)
             kind = "transient, retries exhausted" if transient else "permanent"
+            reason = _reason(error)
+            logger.bind(audit="connect_failed", permanent=not transient).error(
+                "cannot connect to {} as {}: {}", config.safe_dsn(), config.username, reason
+            )
             raise ConnectError(
                 f"cannot connect to {config.safe_dsn()} after {self.connect_attempts} "
-                f"attempt(s) ({kind}): {_reason(error)}"
+                f"attempt(s) ({kind}): {reason}"
             ) from error
         logger.bind(audit="connected").info("connected to {}", config.safe_dsn())
         self._start_sweeper()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
+from loguru import logger
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -419,7 +420,15 @@ def load_settings(
 ) -> Settings:
     """Load, merge and validate the settings for ``env`` (default: ``$DBKIT_ENV``, else
     ``development``).  Missing files are fine; any problem raises one ``ConfigError``."""
-    return _load(env, settings_files)[0]
+    settings = _load(env, settings_files)[0]
+    postgres = settings.database.postgres
+    logger.bind(audit="settings_loaded", env=settings.env).info(
+        "settings loaded (env {}): database {}, sslmode {}",
+        settings.env,
+        postgres.safe_dsn(),
+        postgres.sslmode,
+    )
+    return settings
 
 
 def describe_settings(
