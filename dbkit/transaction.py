@@ -45,7 +45,7 @@ from dbkit.metrics import StatementObserver
 if TYPE_CHECKING:
     from dbkit.database import Database
 
-__all__ = ["DbkitConnection", "Transaction", "TransactionManager"]
+__all__ = ["DbkitConnection", "Transaction", "TransactionManager", "run_on_commit_callback"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -358,7 +358,7 @@ class TransactionManager:
             raise TypeError("on_commit()'s callback must be a callable")
         state = self._state()
         if state.conn is None or (state.testing and not state.blocks):
-            _run_callback(func, robust)
+            run_on_commit_callback(func, robust)
         else:
             state.callbacks.append((tuple(state.savepoint_ids), func, robust))
 
@@ -598,7 +598,7 @@ class TransactionManager:
         finally:
             self._release(state)
         for _, func, robust in callbacks:
-            _run_callback(func, robust)
+            run_on_commit_callback(func, robust)
 
     def _commit(self, state: _State, root: RootTransaction) -> None:
         assert state.conn is not None
@@ -638,7 +638,10 @@ class TransactionManager:
     ) -> R:
         """Run ``func(conn)`` in an outermost transaction, re-running the whole transaction
         on serialization failure, deadlock, or a connection lost before COMMIT."""
-        if self.in_transaction():
+        state = self._state()
+        # Under dbkit.testing's outer transaction the application's outermost block is a
+        # savepoint: a retry rolls back to it and runs the whole block again.
+        if state.conn is not None and not (state.testing and not state.blocks):
             raise TransactionError(
                 "a retried transaction must be the outermost one: re-running it inside an "
                 "open transaction would repeat only part of the work"
@@ -671,6 +674,22 @@ class TransactionManager:
                 time.sleep(delay)
 
     # -- testing support -------------------------------------------------------------------
+
+    def in_test_transaction(self) -> bool:
+        """Whether this thread runs inside a test fixture's adopted transaction."""
+        state = getattr(self._local, "state", None)
+        return state is not None and state.testing
+
+    def open_blocks(self) -> int:
+        """How many ``db.transaction()`` blocks this thread has entered and not exited."""
+        state = getattr(self._local, "state", None)
+        return 0 if state is None else len(state.blocks)
+
+    def queued_on_commit(self) -> list[tuple[tuple[str, ...], Callable[[], Any], bool]]:
+        """This thread's queued on_commit entries ``(savepoint ids, func, robust)``, oldest
+        first: a copy of the list, whose entries are stable objects (compare with ``is``)."""
+        state = getattr(self._local, "state", None)
+        return [] if state is None else list(state.callbacks)
 
     @contextmanager
     def adopt(self, conn: DbkitConnection) -> Iterator[None]:
@@ -718,7 +737,8 @@ def _quiet_rollback(root: RootTransaction, conn: sa.Connection) -> None:
             conn.invalidate()
 
 
-def _run_callback(func: Callable[[], Any], robust: bool) -> None:
+def run_on_commit_callback(func: Callable[[], Any], robust: bool) -> None:
+    """Run one on_commit callback as after a real commit (robust: log a failure)."""
     if not robust:
         func()
         return
