@@ -11,7 +11,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import backoff
@@ -270,14 +270,24 @@ class Database:
         assert isinstance(conn, DbkitConnection)
         return conn
 
-    def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Result[Any]:
+    def execute(
+        self,
+        statement: Statement,
+        params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    ) -> Result[Any]:
         """Run one statement: on this thread's open transaction if there is one, else on its
-        own in autocommit (one round trip, no BEGIN/COMMIT).  Rows are fetched before the
+        own in autocommit (one round trip, no BEGIN/COMMIT), or, given several parameter
+        sets, in one short transaction (all or nothing).  Rows are fetched before the
         connection goes back to the pool, so the result stays readable."""
         stmt = _coerce(statement)
         ambient = self._transactions.connection()
         if ambient is not None:
             return ambient.execute(stmt, params)
+        if params is not None and not isinstance(params, Mapping):
+            # Several parameter sets are several statements: all or nothing.
+            with self.transaction() as conn:
+                result = conn.execute(stmt, params)
+                return result.freeze()() if result.returns_rows else result
         with self._autocommit() as conn:
             result = conn.execute(stmt, params)
             return result.freeze()() if result.returns_rows else result

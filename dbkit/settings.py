@@ -193,6 +193,12 @@ class PostgresConfig:
         for name in ("host", "name", "username"):
             if ok(name) and not getattr(self, name).strip():
                 problems.append(f"{_PG}.{name}: must not be empty")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if ok(f.name) and isinstance(value, str) and "\x00" in value:
+                # libpq reads its connection string as a C string: everything after a NUL
+                # would be dropped silently (host, port, sslmode…), connecting elsewhere.
+                problems.append(f"{_PG}.{f.name}: must not contain a NUL character")
         if ok("port") and not 1 <= self.port <= 65535:
             problems.append(f"{_PG}.port: {self.port} is not between 1 and 65535")
         if ok("sslmode"):
@@ -274,6 +280,14 @@ class PostgresConfig:
         values.update(overrides)
         _fit_idle_to_open(values, idle_given="max_idle_conns" in overrides)
         return cls._build(values, problems)
+
+    def with_url(self, url: str | URL) -> Self:
+        """This config with the connection fields a URL gives (as ``DATABASE_URL`` does):
+        pool sizes, retries, timeouts and SSL files stay as they are."""
+        values, problems = _url_values(url, "url")
+        if problems:
+            raise ConfigError(problems)
+        return self.replace(**values)
 
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` applied and validated again.  Lowering

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import threading
 import time
@@ -33,11 +34,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, RootTransaction
 
 from dbkit.errors import (
+    CircuitOpenError,
+    ConnectError,
     DbkitError,
     RetryableError,
     TransactionBroken,
     TransactionError,
     TransactionRolledBack,
+    is_transient,
     sqlstate_of,
 )
 from dbkit.metrics import StatementObserver
@@ -263,7 +267,7 @@ class Transaction:
         timeout: float | None = None,
         retries: int | None = None,
     ) -> None:
-        if timeout is not None and timeout <= 0:
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise TransactionError(f"timeout must be a positive number of seconds, got {timeout}")
         if retries is not None and retries < 0:
             raise TransactionError(f"retries must be >= 0, got {retries}")
@@ -766,6 +770,11 @@ def _as_retryable(error: Exception) -> RetryableError | None:
 
 def _worth_retrying(error: BaseException) -> bool:
     if sqlstate_of(error) in _RETRY_SQLSTATES:
+        return True
+    if isinstance(error, CircuitOpenError) or (
+        isinstance(error, ConnectError) and is_transient(error)
+    ):
+        # No connection was had, so nothing was sent: the server is restarting or busy.
         return True
     # A connection lost before COMMIT was sent: the server rolled the work back.
     cause: BaseException | None = error
