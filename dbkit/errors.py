@@ -8,17 +8,21 @@ which libpq reports without any SQLSTATE (refused, timed out, "too many clients"
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import psycopg
 import sqlalchemy.exc as sa_exc
 
 __all__ = [
     "CircuitOpenError",
     "ConfigError",
+    "ConflictError",
     "ConnectError",
     "DbkitError",
     "DuplicateKeyError",
     "ForeignKeyError",
     "IntegrityError",
+    "MultipleResultsError",
     "NotFoundError",
     "PoolTimeoutError",
     "RetryableError",
@@ -27,6 +31,7 @@ __all__ = [
     "TransactionRolledBack",
     "is_transient",
     "sqlstate_of",
+    "translate",
 ]
 
 
@@ -57,6 +62,34 @@ class CircuitOpenError(DbkitError):
 
 class NotFoundError(DbkitError, LookupError):
     """A row looked up (or updated) by key does not exist."""
+
+
+class MultipleResultsError(DbkitError, LookupError):
+    """A lookup that expects at most one row (``get_one_or_none``) matched several."""
+
+
+class ConflictError(DbkitError):
+    """Optimistic-locking conflict: the row exists, but its version is no longer the one the
+    caller read (someone else updated it in between).  Distinct from ``NotFoundError``:
+    re-read the row and decide again, rather than treat it as gone.
+
+    ``expected`` is the version the caller passed, ``actual`` the one found (None when it
+    could not be read back)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        key: object = None,
+        expected: object = None,
+        actual: object = None,
+    ) -> None:
+        super().__init__(message)
+        self.table = table
+        self.key = key
+        self.expected = expected
+        self.actual = actual
 
 
 class IntegrityError(DbkitError):
@@ -202,3 +235,60 @@ def is_transient(exc: BaseException) -> bool:
             return any(frag in text for frag in _TRANSIENT_CONNECT_TEXT)
         return False
     return isinstance(orig, (ConnectionError, TimeoutError))
+
+
+# Integrity-constraint SQLSTATEs (class 23) with a dbkit class of their own; the rest of the
+# class (23502 not-null, 23514 check, 23P01 exclusion, 23001 restrict) is IntegrityError.
+_INTEGRITY_CLASSES: dict[str, type[IntegrityError]] = {
+    "23505": DuplicateKeyError,
+    "23503": ForeignKeyError,
+}
+
+
+def translate(
+    exc: BaseException,
+    constraint_errors: Mapping[str, type[Exception]] | None = None,
+) -> BaseException:
+    """dbkit's error for an integrity-constraint violation, else ``exc`` itself.
+
+    Decided by SQLSTATE and psycopg's ``diag`` fields, never by message text (which is
+    translated with ``lc_messages``): 23505 → ``DuplicateKeyError``, 23503 →
+    ``ForeignKeyError``, any other class-23 state (23502 not-null with ``.column``, 23514
+    check, 23P01 exclusion) → ``IntegrityError``.  ``.constraint``, ``.table``, ``.column``
+    and ``.sqlstate`` come from the server's diagnostics; the message is PostgreSQL's own,
+    with its DETAIL line (e.g. ``Key (email)=(a@b.c) already exists.``).
+
+    ``constraint_errors`` maps constraint names to the caller's own exception classes (a
+    repository's ``{"uq_users_email": EmailTaken}``); such a class is called with the
+    message, plus the ``IntegrityError`` keywords when it subclasses ``IntegrityError``.
+
+    The returned error has ``exc`` as its ``__cause__``; raise it with ``from exc``.
+    """
+    if isinstance(exc, DbkitError):
+        return exc
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if not isinstance(orig, psycopg.Error):
+        return exc
+    state = orig.sqlstate
+    if state is None or not state.startswith("23"):
+        return exc
+    diag = orig.diag
+    fields: dict[str, str | None] = {
+        "constraint": diag.constraint_name,
+        "table": diag.table_name,
+        "column": diag.column_name,
+        "sqlstate": state,
+    }
+    message = diag.message_primary or type(orig).__name__
+    if diag.message_detail:
+        message = f"{message} ({diag.message_detail})"
+    custom = constraint_errors.get(fields["constraint"] or "") if constraint_errors else None
+    error: Exception
+    if custom is None:
+        error = _INTEGRITY_CLASSES.get(state, IntegrityError)(message, **fields)
+    elif issubclass(custom, IntegrityError):
+        error = custom(message, **fields)
+    else:
+        error = custom(message)
+    error.__cause__ = exc
+    return error

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 
@@ -70,3 +72,27 @@ def test_check_without_binaries_says_how_to_install(tmp_path: Path) -> None:
     result = run_dbkit("check", "--local", env={"DBKIT_PG_BIN": str(tmp_path)})
     assert result.returncode == 1
     assert "apt-get install postgresql" in result.stderr
+
+
+def test_check_warns_about_superuser_and_weak_sslmode_in_production(
+    db_url: str, tmp_path: Path
+) -> None:
+    settings = tmp_path / "settings.toml"
+    settings.write_text('[production.database.postgres]\nsslmode = "prefer"\n')
+    result = run_dbkit(
+        "--env", "production", "--settings", str(settings), "check", "--url", db_url, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("superuser 'postgres'" in w for w in warnings)
+    assert any("sslmode is 'prefer' in production" in w for w in warnings)
+
+
+def test_check_does_not_warn_about_sslmode_outside_production(make_server: Any) -> None:
+    server = make_server()
+    with psycopg.connect(server.url.replace("+psycopg", ""), autocommit=True) as admin:
+        admin.execute("CREATE ROLE app LOGIN")
+    url = f"postgresql+psycopg://app@127.0.0.1:{server.port}/postgres"
+    result = run_dbkit("check", "--url", url, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["warnings"] == []
