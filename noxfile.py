@@ -12,7 +12,7 @@ PYTHON = "3.11"
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    session.install("-e", ".[test,prometheus]")
+    session.install("-e", ".[test,prometheus,otel]", "opentelemetry-sdk")
     session.run("pytest", *session.posargs)
 
 
@@ -25,7 +25,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test,lint,prometheus]")
+    session.install("-e", ".[test,lint,prometheus,otel]", "opentelemetry-sdk")
     session.run("mypy")
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine, Result
 from dbkit.engine import create_engine, pool_policy
 from dbkit.errors import CircuitOpenError, ConnectError, PoolTimeoutError, is_transient
 from dbkit.health import Health, HealthMonitor
-from dbkit.metrics import StatementObserver
+from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired
 from dbkit.resilience import CircuitBreaker
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
@@ -394,6 +394,11 @@ class Database:
     def stats(self) -> PoolStats:
         """The pool, as Go's ``sql.DBStats``."""
         return self._counters.snapshot()
+
+    def add_statement_listener(self, listener: StatementListener) -> None:
+        """Call ``listener(seconds, error, sql_text)`` after every statement (tracing,
+        custom metrics).  ``sql_text()`` renders the statement without parameter values."""
+        self._observer.listeners.append(listener)
 
     def query_stats(self) -> QueryStats:
         """Statements (count, errors by class, latency histogram, slow ones) and

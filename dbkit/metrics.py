@@ -6,6 +6,7 @@ The slow-query log shows the statement and its timing but never its parameter va
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from loguru import logger
@@ -14,7 +15,11 @@ from sqlalchemy.engine import Dialect
 from dbkit.errors import sqlstate_of
 from dbkit.stats import QueryCounters
 
-__all__ = ["StatementObserver"]
+__all__ = ["StatementListener", "StatementObserver"]
+
+# listener(seconds, error or None, sql_text()) after each statement; sql_text() renders the
+# statement (never its parameter values) only if the listener asks for it.
+StatementListener = Callable[[float, BaseException | None, Callable[[], str]], None]
 
 
 def _error_class(error: BaseException) -> str:
@@ -43,6 +48,8 @@ class StatementObserver:
         self.counters = counters
         self.slow_query_threshold = slow_query_threshold
         self.log_slow_query_parameters = log_slow_query_parameters
+        # Extra observers (e.g. dbkit.otel's tracer); none by default, so they cost nothing.
+        self.listeners: list[StatementListener] = []
 
     def observe(
         self,
@@ -55,6 +62,11 @@ class StatementObserver:
         threshold = self.slow_query_threshold
         slow = threshold > 0 and seconds >= threshold
         self.counters.statement(seconds, None if error is None else _error_class(error), slow)
+        for listener in self.listeners:
+            try:
+                listener(seconds, error, lambda: _sql_text(statement, dialect))
+            except Exception as failure:  # an observer must never break the statement
+                logger.opt(exception=failure).warning("statement listener failed")
         if slow:
             record = logger.bind(duration_ms=round(seconds * 1000, 3), slow_query=True)
             if self.log_slow_query_parameters:
