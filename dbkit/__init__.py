@@ -6,11 +6,13 @@ from dbkit.database import Database
 from dbkit.errors import (
     CircuitOpenError,
     ConfigError,
+    ConflictError,
     ConnectError,
     DbkitError,
     DuplicateKeyError,
     ForeignKeyError,
     IntegrityError,
+    MultipleResultsError,
     NotFoundError,
     PoolTimeoutError,
     RetryableError,
@@ -21,6 +23,7 @@ from dbkit.errors import (
 )
 from dbkit.health import Health
 from dbkit.logging import configure_logging
+from dbkit.repository import Page, Repository
 from dbkit.resilience import CircuitBreaker
 from dbkit.settings import (
     DatabaseConfig,
@@ -43,6 +46,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigError",
+    "ConflictError",
     "ConnectError",
     "Database",
     "DatabaseConfig",
@@ -53,10 +57,13 @@ __all__ = [
     "Health",
     "IntegrityError",
     "LogConfig",
+    "MultipleResultsError",
     "NotFoundError",
+    "Page",
     "PoolStats",
     "PoolTimeoutError",
     "PostgresConfig",
+    "Repository",
     "RetryableError",
     "Settings",
     "Transaction",

@@ -519,7 +519,8 @@ class _FastGet:
                 try:
                     driver.autocommit = False
                 except psycopg.Error:  # never pool a half-configured connection
-                    pooled.invalidate()
+                    if pooled.dbapi_connection is not None:  # not invalidated already
+                        pooled.invalidate()
         finally:
             pooled.close()
         if row is None:

@@ -236,6 +236,23 @@ def test_get_survives_a_reconnect_and_killed_pooled_connections(
     assert schema.stats().in_use == 0
 
 
+def test_statement_listeners_see_the_driver_level_paths(schema: Database, repo: Accounts) -> None:
+    """get (outside a block), stream and bulk_load run on the driver; metrics and statement
+    listeners (tracing) still see each of their statements."""
+    seen: list[str] = []
+    schema.add_statement_listener(lambda seconds, error, sql: seen.append(sql()))
+    repo.bulk_load([{"email": "a@example.com"}])
+    stored = repo.get_one_or_none(email="a@example.com")
+    assert stored is not None
+    seen.clear()
+    repo.get(stored.id)
+    assert len(list(repo.stream())) == 1
+    repo.bulk_load([{"email": "b@example.com"}])
+    assert seen[0].startswith("SELECT") and "WHERE accounts.id" in seen[0]
+    assert seen[1].startswith("SELECT")
+    assert seen[2].startswith("COPY") and "accounts" in seen[2]
+
+
 def test_rows_are_dicts_without_a_model(dicts: AccountDicts) -> None:
     row = dicts.add({"email": "d@example.com", "name": "D"})
     assert isinstance(row, dict)

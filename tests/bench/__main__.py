@@ -12,10 +12,10 @@ from pathlib import Path
 
 from dbkit.local import LocalPostgres
 
-from . import bench_transactions
+from . import bench_repository, bench_transactions
 from .harness import measure, print_table, write_json
 
-SUITES = [bench_transactions]
+SUITES = [bench_transactions, bench_repository]
 
 
 def main() -> None:
