@@ -16,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from dbkit import Database, repository
+from dbkit import Database
 from dbkit.errors import DuplicateKeyError
-from dbkit.repository import Repository
+from dbkit.repository import Repository, bulk
 
 metadata = sa.MetaData()
 people = sa.Table(
@@ -80,9 +80,9 @@ def score_repo(schema: Database) -> Scores:
 def upsert_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """upsert_many's two ways: unnest() arrays (small inputs) or COPY + merge (large)."""
     if request.param == "copy":
-        monkeypatch.setattr(repository, "COPY_UPSERT_ROWS", 0)
+        monkeypatch.setattr(bulk, "COPY_UPSERT_ROWS", 0)
     else:
-        monkeypatch.setattr(repository, "COPY_UPSERT_ROWS", 10**9)
+        monkeypatch.setattr(bulk, "COPY_UPSERT_ROWS", 10**9)
     return str(request.param)
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dbkit import Database, repository
+from dbkit import Database
 from dbkit.errors import ConflictError, NotFoundError
-from dbkit.repository import Repository
+from dbkit.repository import Repository, bulk
 
 metadata = sa.MetaData()
 items = sa.Table(
@@ -77,7 +77,7 @@ def repo(schema: Database) -> Items:
 def upsert_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """upsert_many's two ways: unnest() arrays (small inputs) or COPY + merge (large)."""
     threshold = 0 if request.param == "copy" else 10**9
-    monkeypatch.setattr(repository, "COPY_UPSERT_ROWS", threshold)
+    monkeypatch.setattr(bulk, "COPY_UPSERT_ROWS", threshold)
     return str(request.param)
 
 
