@@ -24,6 +24,22 @@ if TYPE_CHECKING:
 __all__ = ["DatabaseCollector", "register_metrics"]
 
 
+# PoolStats field → (metric family, help text); gauges are levels, counters only grow.
+_POOL_METRICS: dict[str, tuple[type[GaugeMetricFamily] | type[CounterMetricFamily], str]] = {
+    "max_open_connections": (GaugeMetricFamily, "Maximum open connections (0 = unlimited)."),
+    "open_connections": (GaugeMetricFamily, "Open connections, in use and idle."),
+    "in_use": (GaugeMetricFamily, "Connections currently checked out."),
+    "idle": (GaugeMetricFamily, "Idle connections in the pool."),
+    "wait_count": (CounterMetricFamily, "Checkouts that had to wait for a connection."),
+    "wait_timeouts": (CounterMetricFamily, "Checkouts that gave up after the pool timeout."),
+    "max_idle_closed": (CounterMetricFamily, "Closed because max_idle_conns was reached."),
+    "max_idle_time_closed": (CounterMetricFamily, "Closed for exceeding conn_max_idle_time."),
+    "max_lifetime_closed": (CounterMetricFamily, "Closed for exceeding conn_max_lifetime."),
+    "connects": (CounterMetricFamily, "Physical connections made."),
+    "invalidated": (CounterMetricFamily, "Dead connections found and replaced."),
+}
+
+
 class DatabaseCollector(Collector):
     """Yields one database's metrics, labelled ``db=<name>``."""
 
@@ -35,29 +51,10 @@ class DatabaseCollector(Collector):
         label = ["db"]
         value = [self._name]
         pool = self._db.stats()
-        gauges = {
-            "max_open_connections": "Maximum number of open connections (0 = unlimited).",
-            "open_connections": "Open connections, in use and idle.",
-            "in_use": "Connections currently checked out.",
-            "idle": "Idle connections in the pool.",
-        }
-        for field, doc in gauges.items():
-            gauge = GaugeMetricFamily(f"dbkit_pool_{field}", doc, labels=label)
-            gauge.add_metric(value, getattr(pool, field))
-            yield gauge
-        counters = {
-            "wait_count": "Checkouts that had to wait for a connection.",
-            "wait_timeouts": "Checkouts that gave up after the pool timeout.",
-            "max_idle_closed": "Connections closed because max_idle_conns was reached.",
-            "max_idle_time_closed": "Connections closed for exceeding conn_max_idle_time.",
-            "max_lifetime_closed": "Connections closed for exceeding conn_max_lifetime.",
-            "connects": "Physical connections made.",
-            "invalidated": "Dead connections found and replaced.",
-        }
-        for field, doc in counters.items():
-            counter = CounterMetricFamily(f"dbkit_pool_{field}", doc, labels=label)
-            counter.add_metric(value, getattr(pool, field))
-            yield counter
+        for field, (family, doc) in _POOL_METRICS.items():
+            metric = family(f"dbkit_pool_{field}", doc, labels=label)
+            metric.add_metric(value, getattr(pool, field))
+            yield metric
         waited = CounterMetricFamily(
             "dbkit_pool_wait_duration_seconds", "Time spent waiting for a connection.", labels=label
         )
