@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from loguru import logger
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, Result
+from sqlalchemy.pool import PoolProxiedConnection
 
 from dbkit.engine import create_engine, pool_policy
 from dbkit.errors import CircuitOpenError, ConnectError, PoolTimeoutError, is_transient
@@ -250,10 +251,11 @@ class Database:
 
     # -- connections -----------------------------------------------------------------------
 
-    def _checkout(self) -> DbkitConnection:
-        """A pooled connection, with pool and connect failures in dbkit's terms."""
+    @contextlib.contextmanager
+    def _pool_errors(self) -> Iterator[None]:
+        """Pool exhaustion and connect failures, in dbkit's terms."""
         try:
-            conn = self.engine.connect()
+            yield
         except sa_exc.TimeoutError as error:
             stats = self.stats()
             config = self._config
@@ -267,8 +269,19 @@ class Database:
             raise ConnectError(
                 f"cannot connect to {self._config.safe_dsn()}: {_reason(error)}"
             ) from error
+
+    def _checkout(self) -> DbkitConnection:
+        """A pooled connection (SQLAlchemy ``Connection``)."""
+        with self._pool_errors():
+            conn = self.engine.connect()
         assert isinstance(conn, DbkitConnection)
         return conn
+
+    def _checkout_driver(self, engine: Engine | None = None) -> PoolProxiedConnection:
+        """A pooled DBAPI connection without the SQLAlchemy ``Connection`` around it, for
+        driver-level fast paths (that wrapper costs about as much as the pool itself)."""
+        with self._pool_errors():
+            return (engine or self.engine).raw_connection()
 
     def execute(
         self,

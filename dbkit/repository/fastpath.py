@@ -22,8 +22,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.pool import PoolProxiedConnection
 
-from dbkit.errors import ConnectError, PoolTimeoutError
-
 if TYPE_CHECKING:
     from dbkit.database import Database
     from dbkit.repository.plan import _Plan
@@ -114,7 +112,7 @@ class _FastGet:
     def fetch(self, params: dict[str, Any]) -> Sequence[Any] | None:
         for name, proc in self.bind_processors:
             params[name] = proc(params[name])
-        pooled = _checkout_driver(self.db, self.engine)
+        pooled = self.db._checkout_driver(self.engine)
         try:
             driver = pooled.driver_connection
             assert driver is not None
@@ -155,26 +153,6 @@ class _FastGet:
         if observer is not None:
             observer.observe(time.perf_counter() - started, None, self.sql, (params,), self.dialect)
         return row, cursor
-
-
-def _checkout_driver(db: Database, engine: sa.Engine) -> PoolProxiedConnection:
-    """A pooled DBAPI connection, with pool and connect failures in dbkit's terms.
-
-    Mirrors ``Database._checkout`` minus the SQLAlchemy ``Connection`` (which costs about
-    as much as the pool itself on a primary-key read); belongs in ``Database``."""
-    try:
-        return engine.raw_connection()
-    except sa_exc.TimeoutError as error:
-        config = db.config
-        raise PoolTimeoutError(
-            f"no connection became free within {config.timeout:g}s: {db.stats().in_use} in "
-            f"use, max_open_conns={config.max_open_conns or 'unlimited'}, max_idle_conns="
-            f"{config.max_idle_conns}; raise max_open_conns or look for connections held "
-            "too long"
-        ) from error
-    except sa_exc.DBAPIError as error:
-        reason = "; ".join(line.strip() for line in str(error.orig).splitlines() if line.strip())
-        raise ConnectError(f"cannot connect to {db.config.safe_dsn()}: {reason}") from error
 
 
 _cursor_names = itertools.count(1)
