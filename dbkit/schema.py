@@ -70,15 +70,16 @@ health_checks = sa.Table(
     ),
 )
 
-# Raw rows of the batch demo, loaded by COPY: no constraints, so every input line lands and
-# validation happens in SQL afterwards; UNLOGGED because it is scratch space (no WAL).
+# Raw rows of the batch demo, loaded by COPY: no constraints but the input line number as
+# key, so every input line lands and the database's constraints on ``users`` judge them
+# afterwards; UNLOGGED because it is scratch space (no WAL).
 users_staging = sa.Table(
     "users_staging",
     metadata,
     sa.Column("id", sa.BigInteger, nullable=True),
     sa.Column("email", sa.Text, nullable=True),
     sa.Column("name", sa.Text, nullable=True),
-    sa.Column("line", sa.Integer, nullable=False),
+    sa.Column("line", sa.Integer, primary_key=True, autoincrement=False),
     prefixes=["UNLOGGED"],
 )
 

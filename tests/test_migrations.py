@@ -30,6 +30,7 @@ from dbkit.schema import metadata as schema_metadata
 PROJECT = Path(__file__).resolve().parent.parent
 ALEMBIC_INI = PROJECT / "alembic.ini"
 TABLES = {"users", "health_checks", "users_staging", "import_rejects"}
+HEAD = migrate.heads()[0]
 
 
 def tables(db: Database) -> set[str]:
@@ -105,8 +106,8 @@ def test_every_revision_upgrades_downgrades_and_upgrades_again(db: Database) -> 
 def test_current_before_and_after(db: Database) -> None:
     assert migrate.current(db) is None
     migrate.upgrade(db)
-    assert migrate.current(db) == "0001"
-    migrate.downgrade(db)
+    assert migrate.current(db) == HEAD
+    migrate.downgrade(db, "base")
     assert migrate.current(db) is None
 
 
@@ -163,15 +164,15 @@ def test_check_needs_a_database_at_head(db: Database) -> None:
 def test_targets_engine_connection_and_url(db: Database, db_url: str) -> None:
     engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
     try:
-        assert migrate.upgrade(engine) == "0001"
-        assert migrate.current(db_url) == "0001"
+        assert migrate.upgrade(engine) == HEAD
+        assert migrate.current(db_url) == HEAD
         migrate.check(db_url)
         with engine.connect() as conn:
-            assert migrate.current(conn) == "0001"
+            assert migrate.current(conn) == HEAD
             migrate.check(conn)
             assert migrate.downgrade(conn, "base") is None  # committed: conn was idle
         assert migrate.current(engine) is None
-        assert migrate.upgrade(sa.make_url(db_url)) == "0001"
+        assert migrate.upgrade(sa.make_url(db_url)) == HEAD
     finally:
         engine.dispose()
 
@@ -182,7 +183,7 @@ def test_a_connection_in_a_transaction_leaves_the_commit_to_its_owner(db_url: st
         with engine.connect() as conn:
             with conn.begin() as tx:
                 migrate.upgrade(conn)
-                assert migrate.current(conn) == "0001"
+                assert migrate.current(conn) == HEAD
                 tx.rollback()
             assert migrate.current(conn) is None
     finally:
@@ -193,11 +194,11 @@ def test_inside_db_transaction_it_runs_in_a_savepoint(db: Database) -> None:
     with db.transaction():
         with db.transaction():
             migrate.upgrade(db)
-            assert migrate.current(db) == "0001"
+            assert migrate.current(db) == HEAD
             db.set_rollback(True)
         assert migrate.current(db) is None
         migrate.upgrade(db)
-    assert migrate.current(db) == "0001"
+    assert migrate.current(db) == HEAD
 
 
 def test_an_unknown_target_type_is_a_type_error() -> None:
@@ -212,22 +213,24 @@ def test_a_failing_revision_rolls_back_the_whole_upgrade(
     db: Database, private_migrations: Path
 ) -> None:
     versions = private_migrations.parent / "migrations" / "versions"
-    (versions / "0002_broken.py").write_text(
+    (versions / "9999_broken.py").write_text(
         '"""Broken on purpose."""\n'
         "import sqlalchemy as sa\n"
         "from alembic import op\n\n"
-        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n'
+        'revision = "9999"\ndown_revision = "'
+        + HEAD
+        + '"\nbranch_labels = None\ndepends_on = None\n\n'
         "def upgrade():\n"
         '    op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))\n'
         '    op.execute("SELECT no_such_function()")\n\n'
         "def downgrade():\n"
         '    op.drop_table("half_done")\n'
     )
-    assert migrate.heads(config_path=private_migrations) == ["0002"]
+    assert migrate.heads(config_path=private_migrations) == ["9999"]
     with pytest.raises(migrate.MigrationError, match="no_such_function") as caught:
         migrate.upgrade(db, config_path=private_migrations)
     assert len(str(caught.value).splitlines()) == 1
-    # One transaction: 0001's tables and the version row are gone with 0002's.
+    # One transaction: the earlier revisions' tables and the version row are gone too.
     assert migrate.current(db) is None
     assert tables(db) == set()
 
@@ -239,7 +242,7 @@ def test_unknown_revision_is_a_migration_error(db: Database) -> None:
         migrate.downgrade(db)  # nothing to downgrade
     with pytest.raises(ValueError, match="verb"):
         migrate.run_command(db, "merge", "heads")  # type: ignore[arg-type]
-    assert migrate.run_command(db, "stamp", "head") == (None, "0001")
+    assert migrate.run_command(db, "stamp", "head") == (None, HEAD)
     assert tables(db) == {"alembic_version"}  # stamp records, runs nothing
 
 
@@ -368,10 +371,10 @@ def test_plain_alembic_command_uses_x_url_and_dbkit_settings(db_url: str) -> Non
     """env.py without dbkit.migrate: ``-x url=`` first, else dbkit's settings."""
     up = run("-m", "alembic", "-x", f"url={db_url}", "upgrade", "head", cwd=PROJECT)
     assert up.returncode == 0, up.stderr
-    assert "Running upgrade  -> 0001" in up.stderr  # alembic.ini's logging, for the CLI only
+    assert f"Running upgrade 0001 -> {HEAD}" in up.stderr  # alembic.ini's logging, for the CLI only
     current = run("-m", "alembic", "current", cwd=PROJECT, env={"DATABASE_URL": db_url})
     assert current.returncode == 0, current.stderr
-    assert current.stdout.strip() == "0001 (head)"
+    assert current.stdout.strip() == f"{HEAD} (head)"
     check = run("-m", "alembic", "-x", f"url={db_url}", "check", cwd=PROJECT)
     assert check.returncode == 0, check.stderr
     assert "No new upgrade operations detected" in check.stdout
@@ -394,7 +397,7 @@ def test_concurrent_upgrades_queue_on_the_advisory_lock(db_url: str) -> None:
     outputs = [deploy.communicate(timeout=120) for deploy in deploys]
     assert [deploy.returncode for deploy in deploys] == [0, 0, 0], outputs
     moves = sorted(out.rsplit(": ", 1)[-1].strip() for out, _ in outputs)
-    assert moves == ["0001 -> 0001", "0001 -> 0001", "base -> 0001"]
+    assert moves == [f"{HEAD} -> {HEAD}", f"{HEAD} -> {HEAD}", f"base -> {HEAD}"]
 
 
 def test_threads_migrating_different_databases_take_turns(db_url: str, db: Database) -> None:

@@ -36,7 +36,7 @@ def test_every_constraint_and_index_in_the_models_is_named_by_the_convention() -
         "ix_health_checks_checked_at",
     }
     assert constraint_names(import_rejects) == {"pk_import_rejects"}
-    assert constraint_names(users_staging) == set()
+    assert constraint_names(users_staging) == {"pk_users_staging"}
     assert set(metadata.tables) == {"users", "health_checks", "users_staging", "import_rejects"}
 
 
@@ -55,7 +55,8 @@ def test_migrated_constraint_names_follow_the_convention(migrated: Database) -> 
     assert [(i["name"], i["column_names"]) for i in inspector.get_indexes("health_checks")] == [
         ("ix_health_checks_checked_at", ["checked_at"])
     ]
-    assert inspector.get_pk_constraint("users_staging")["constrained_columns"] == []
+    staging_pk = inspector.get_pk_constraint("users_staging")
+    assert (staging_pk["name"], staging_pk["constrained_columns"]) == ("pk_users_staging", ["line"])
 
 
 def test_column_types_defaults_and_identity(migrated: Database) -> None:
