@@ -40,6 +40,15 @@ scores = sa.Table(
     sa.Column("writer", sa.Text),
 )
 
+# A unique key that may be NULL: PostgreSQL lets any number of rows have it NULL.
+codes = sa.Table(
+    "codes",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("code", sa.Text, unique=True),
+    sa.Column("note", sa.Text),
+)
+
 
 @dataclass
 class Person:
@@ -250,6 +259,27 @@ def test_upsert_many_last_duplicate_wins(repo: People, upsert_path: str) -> None
         "a@x.org": ("last", 1),  # score was not given: kept
         "b@x.org": ("b2", 0),
     }
+
+
+def test_upsert_many_never_merges_rows_whose_key_is_null(
+    schema: Database, upsert_path: str
+) -> None:
+    class Codes(Repository[dict[str, Any]]):
+        table = codes
+
+    repo = Codes(schema)
+    rows = [
+        {"code": None, "note": "a"},
+        {"code": "x", "note": "b"},
+        {"code": None, "note": "c"},
+        {"code": "x", "note": "d"},
+    ]
+    assert repo.upsert_many(rows, conflict=["code"]) == 3
+    assert sorted((r["code"] or "", r["note"]) for r in repo.list()) == [
+        ("", "a"),
+        ("", "c"),
+        ("x", "d"),
+    ]
 
 
 def test_upsert_many_50k_rows_half_conflicting(repo: People) -> None:

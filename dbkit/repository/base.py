@@ -392,7 +392,8 @@ class Repository(Generic[T]):
         """``upsert`` for many rows; returns the number of rows written.
 
         Rows with the same key in the input: the last one wins (PostgreSQL refuses to
-        touch a row twice in one statement, so they are merged before sending).  Rows are
+        touch a row twice in one statement, so they are merged before sending); a key
+        with a NULL matches nothing, so those rows are each inserted.  Rows are
         written in key order, so two writers on overlapping keys take their row locks in
         the same order and wait for each other instead of deadlocking.  All in one
         transaction (the ambient one, or its own):
@@ -410,10 +411,16 @@ class Repository(Generic[T]):
             plan.check_names(update)
         latest: dict[tuple[Any, ...], dict[str, Any]] = {}
         key_of = _getter(keys)
+        nulls = itertools.count()
         for row in rows:
             values = plan.values_of(row)
             try:
-                latest[key_of(values)] = values
+                key = key_of(values)
+                if any(v is None for v in key):
+                    # NULL equals nothing, not even NULL: such rows never conflict, so they
+                    # are never merged either (a NOT NULL key column rejects each of them).
+                    key = (*key, next(nulls))
+                latest[key] = values
             except KeyError:
                 _require(values, keys, plan.name)
                 raise
