@@ -39,6 +39,7 @@ from dbkit.errors import DbkitError
 __all__ = [
     "LocalPostgres",
     "PostgresBinariesNotFound",
+    "default_data_dir",
     "find_bindir",
 ]
 
@@ -58,6 +59,8 @@ _PORT_RETRIES: Final = 5
 # sun_path is 108 bytes on Linux (104 on macOS); "/.s.PGSQL.65535" takes 15 of them.
 _MAX_SOCKET_DIR_LEN: Final = 85
 _LOG_NAME: Final = "dbkit-postgres.log"
+# A kept cluster's last port, tried first on the next start so its URL stays the same.
+_PORT_NAME: Final = "dbkit-port"
 
 _INSTALL_HINT: Final = (
     "dbkit needs the PostgreSQL server binaries (initdb, pg_ctl, postgres) to start a local "
@@ -167,6 +170,18 @@ def _locate_bindir(explicit: str | os.PathLike[str] | None) -> tuple[Path, str]:
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
+
+
+def default_data_dir() -> Path:
+    """Where ``dbkit local`` keeps its cluster: ``$DBKIT_LOCAL_DIR``, else
+    ``$XDG_DATA_HOME/dbkit/postgres`` (``~/.local/share/…``).  As root, whose home the
+    unprivileged server user cannot enter, ``/var/lib/dbkit/postgres``."""
+    if explicit := os.environ.get("DBKIT_LOCAL_DIR"):
+        return Path(explicit).expanduser().absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/dbkit/postgres")
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "dbkit" / "postgres"
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -542,8 +557,14 @@ class LocalPostgres:
 
     def _start_server(self, user: pwd.struct_passwd | None) -> Self:
         attempts = 1 if self._port is not None else _PORT_RETRIES
+        preferred = self._remembered_port()
         for attempt in range(1, attempts + 1):
-            port = self._port if self._port is not None else _free_port(self.host)
+            if self._port is not None:
+                port = self._port
+            elif attempt == 1 and preferred is not None:
+                port = preferred
+            else:
+                port = _free_port(self.host)
             offset = self.log_file.stat().st_size if self.log_file.exists() else 0
             logger.debug("starting PostgreSQL in {} on port {}", self.data_dir, port)
             result = self._run(
@@ -565,6 +586,9 @@ class LocalPostgres:
             )
             if result.returncode == 0:
                 self._port = port
+                if not self.is_temporary:
+                    with contextlib.suppress(OSError):
+                        (self.run_dir / _PORT_NAME).write_text(f"{port}\n")
                 logger.info("local PostgreSQL running at {}", self.url)
                 return self
             log = _tail(self.log_file, offset)
@@ -581,6 +605,22 @@ class LocalPostgres:
                 f"--- server log ({self.log_file}) ---\n{log}"
             )
         raise DbkitError(f"PostgreSQL could not find a free port after {attempts} attempts")
+
+    def _remembered_port(self) -> int | None:
+        """The port a kept cluster last ran on, if it is free now (a later attempt picks
+        another when it is not, or when the free-port check loses a race)."""
+        if self.is_temporary:
+            return None
+        try:
+            port = int((self.run_dir / _PORT_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((self.host, port))
+            except OSError:
+                return None
+        return port
 
     def _pg_ctl_stop(self, mode: str, user: pwd.struct_passwd | None) -> None:
         pg_ctl = str(self.bindir / "pg_ctl")

@@ -18,8 +18,11 @@ free_port    (function) a 127.0.0.1 port with nothing listening
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import psycopg
@@ -103,6 +106,20 @@ def make_server() -> Iterator[MakeServer]:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def kept_parent() -> Iterator[Path]:
+    """A parent for kept data dirs that the server user can reach even when we are root
+    (pytest's tmp_path is 0700 under root, and dbkit refuses to loosen parents)."""
+    parent = Path(tempfile.mkdtemp(prefix="dbkit-test-"))
+    parent.chmod(0o755)  # our own fresh directory, not a system one
+    yield parent
+    for pidfile in parent.glob("*/postmaster.pid"):  # a failed test may leave one running
+        server = LocalPostgres(pidfile.parent)
+        if server.is_running():
+            server.stop(mode="immediate")
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture

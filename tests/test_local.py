@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +43,6 @@ def expected_server_user() -> str:
     except KeyError:
         return "nobody"
     return "postgres"
-
-
-@pytest.fixture
-def kept_parent() -> Iterator[Path]:
-    """A parent for kept data dirs that the server user can reach even when we are root
-    (pytest's tmp_path is 0700 under root, and dbkit refuses to loosen parents)."""
-    parent = Path(tempfile.mkdtemp(prefix="dbkit-test-"))
-    parent.chmod(0o755)  # our own fresh directory, not a system one
-    yield parent
-    for pidfile in parent.glob("*/postmaster.pid"):  # a failed test may leave one running
-        server = LocalPostgres(pidfile.parent)
-        if server.is_running():
-            server.stop(mode="immediate")
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- lifecycle
