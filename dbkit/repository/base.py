@@ -8,7 +8,7 @@ import contextlib
 import functools
 import itertools
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import psycopg
@@ -52,6 +52,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 Filter = sa.ColumnElement[bool] | sa.TextClause
 
 _SCALAR_KEYS = frozenset({int, str, uuid.UUID})
+
+
+def _rollback_or_discard(conn: sa.Connection, transaction: sa.RootTransaction) -> None:
+    """Roll back after a failure.  When even that fails (Ctrl-C arrived while a command
+    was in flight, and the connection is still busy with it), discard the connection:
+    closing it ends the server's transaction as well, and the error worth raising is the
+    one that got us here, not the rollback's."""
+    try:
+        transaction.rollback()
+    except Exception:
+        conn.invalidate()
 
 
 def _translating(method: F) -> F:
@@ -210,7 +221,7 @@ class Repository(Generic[T]):
         order_by: OrderBy = None,
         include_deleted: bool = False,
         **eq: Any,
-    ) -> Iterator[T]:
+    ) -> Generator[T, None, None]:
         """Matching rows one by one from a server-side cursor, ``batch_size`` at a time:
         memory stays bounded however many rows there are.
 
@@ -676,7 +687,12 @@ class Repository(Generic[T]):
         self, columns: tuple[str, ...], keys: Sequence[str], update: Sequence[str] | None
     ) -> sa.Executable:
         """``INSERT … SELECT … FROM unnest(:_dbkit_c0, :_dbkit_c1, …) ON CONFLICT …``: one
-        array parameter per column, one statement whatever the number of rows."""
+        array parameter per column, one statement whatever the number of rows.  Built once
+        per shape: statements hold no values, only bind parameters."""
+        cache_key = (columns, tuple(keys), None if update is None else tuple(update))
+        cached = self._plan.unnest_upserts.get(cache_key)
+        if cached is not None:
+            return cached
         table = self.table
         arrays = [
             sa.bindparam(f"_dbkit_c{i}", type_=pg.ARRAY(table.c[name].type))
@@ -687,7 +703,9 @@ class Repository(Generic[T]):
             .table_valued(*(sa.column(table.c[name].name, table.c[name].type) for name in columns))
             .render_derived(name="dbkit_rows")
         )
-        return self._merge_from(source, columns, keys, update, order=False)
+        stmt = self._merge_from(source, columns, keys, update, order=False)
+        self._plan.unnest_upserts[cache_key] = stmt
+        return stmt
 
     def _merge_from(
         self,
@@ -823,7 +841,7 @@ class Repository(Generic[T]):
             fast = self._fast_gets[include_deleted] = _FastGet(stmt, self._plan, self._db)
         return None if _instrumented(engine) else fast
 
-    def _stream(self, stmt: sa.Select[Any], batch_size: int) -> Iterator[T]:
+    def _stream(self, stmt: sa.Select[Any], batch_size: int) -> Generator[T, None, None]:
         make_all = self._plan.make_all
         try:
             with self._stream_connection() as conn:
@@ -851,7 +869,12 @@ class Repository(Generic[T]):
         # interleaved, and writes made while iterating do not join the stream's snapshot.
         conn = self._db._checkout()
         try:
-            with conn.begin():
+            transaction = conn.begin()
+            try:
                 yield conn
+            except BaseException:  # GeneratorExit too: the stream was closed early
+                _rollback_or_discard(conn, transaction)
+                raise
+            transaction.commit()
         finally:
             conn.close()

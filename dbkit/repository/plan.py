@@ -140,6 +140,9 @@ class _Plan:
             else (lambda obj: False)
         )
         self._fields: dict[type, tuple[str, ...]] = {}
+        # upsert_many's unnest() statements by (columns, keys, update): building one costs
+        # more than a small batch's round trip, and the inputs of a job rarely vary.
+        self.unnest_upserts: dict[tuple[Any, ...], sa.Executable] = {}
 
         # Statements reused on every call (their cache keys are computed once).
         self.pk_params = tuple(
