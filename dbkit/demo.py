@@ -1,0 +1,381 @@
+"""The batch demo: a small ETL job, written the way we suggest you write yours.
+
+1. extract: generate N user records (or read a CSV with an ``email`` and a ``name``
+   column), some of them deliberately bad;
+2. load: ``COPY`` them into ``users_staging``, one transaction, all or nothing;
+3. upsert: move them into ``users`` in chunks, one transaction per chunk.  Inside a chunk
+   every batch runs in a savepoint; when the database rejects a batch, it is split in
+   halves (each again in a savepoint) until the bad record stands alone, and that record
+   alone goes to ``import_rejects`` with the reason.  The database's constraints are the
+   validation: nothing is checked twice, nothing bad gets in;
+4. report: stream ``users`` through a server-side cursor into a small report;
+5. record a ``health_checks`` row.
+
+Re-running is idempotent: the load replaces staging and the previous run's rejects, and the
+upsert writes the same users again.  An interrupted run leaves whole chunks only (each is
+one transaction); running again completes the job.  Copy this module and change the parts
+that are about users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import sqlalchemy as sa
+
+from dbkit.database import Database
+from dbkit.errors import DbkitError, IntegrityError
+from dbkit.progress import Progress
+from dbkit.repositories import HealthRepository, UserRepository
+from dbkit.repository import Repository
+from dbkit.schema import import_rejects, users_staging
+
+__all__ = [
+    "DemoInputError",
+    "DemoResult",
+    "Phase",
+    "Reject",
+    "StagedUser",
+    "generate",
+    "print_summary",
+    "read_csv",
+    "run",
+]
+
+T = TypeVar("T")
+
+DEFAULT_ROWS = 100_000
+CHUNK_SIZE = 5_000  # rows per transaction: what an interruption can cost, at most
+BATCH_SIZE = 250  # rows per savepoint: what one bad record costs to isolate, at most
+
+
+# ------------------------------------------------------------------------ the tables
+
+
+@dataclass
+class StagedUser:
+    """One input record as loaded: ``line`` is its line in the input, for the rejects."""
+
+    line: int
+    email: str | None
+    name: str | None = None
+    id: int | None = None
+
+
+@dataclass
+class Reject:
+    """An input record the database refused, and why."""
+
+    line: int
+    email: str | None
+    reason: str
+    id: int | None = None
+    rejected_at: Any = None
+
+
+class StagingRepository(Repository[StagedUser]):
+    table = users_staging
+    model = StagedUser
+
+
+class RejectRepository(Repository[Reject]):
+    table = import_rejects
+    model = Reject
+
+
+# -------------------------------------------------------------------------- extract
+
+
+class DemoInputError(DbkitError, ValueError):
+    """The input cannot be loaded; the message names the file and line."""
+
+
+DOMAINS = ("example.com", "example.org", "mail.test", "corp.test", "dbkit.dev")
+FIRST_NAMES = ("Ada", "Alan", "Barbara", "Donald", "Edsger", "Frances", "Grace", "Ken")
+LAST_NAMES = ("Hopper", "Knuth", "Liskov", "Lovelace", "Ritchie", "Thompson", "Turing")
+
+
+def generate(n: int, *, seed: int = 2026) -> Iterator[StagedUser]:
+    """``n`` records, the same ones for the same seed (so a re-run upserts, not adds).
+
+    Every 997th has no ``@`` (the CHECK on ``users.email`` refuses it), every 1999th no
+    email at all (NOT NULL refuses it), and every 101st repeats an earlier user's email
+    with a new name (an update)."""
+    if n < 0:
+        raise ValueError(f"the number of records must not be negative, got {n}")
+    rng = random.Random(seed)
+    for line in range(1, n + 1):
+        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        email: str | None = _email(line)
+        if line % 997 == 0:
+            email = f"user{line}.{DOMAINS[line % len(DOMAINS)]}"
+        elif line % 1999 == 0:
+            email = None
+        elif line % 101 == 0:
+            email = _email(line // 2)
+        yield StagedUser(line=line, email=email, name=name)
+
+
+def _email(number: int) -> str:
+    return f"user{number}@{DOMAINS[number % len(DOMAINS)]}"
+
+
+def read_csv(path: str | Path) -> Iterator[StagedUser]:
+    """The records of a CSV file with a header line naming an ``email`` column (and
+    optionally ``name``); ``line`` is the record's line in the file.  Empty fields are
+    NULL.  Unreadable input raises ``DemoInputError`` naming the line; since the load is
+    one COPY in one transaction, nothing of the file is loaded then."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            if "email" not in header:
+                raise DemoInputError(
+                    f"{path}: the first line must be a header naming an 'email' column "
+                    f"(and optionally 'name'), got {header}"
+                )
+            for record in reader:
+                fields = (record.get("email"), record.get("name"))
+                if any(value and "\x00" in value for value in fields):
+                    raise DemoInputError(
+                        f"{path}:{reader.line_num}: a NUL character, which PostgreSQL text "
+                        "cannot hold"
+                    )
+                email, name = (value.strip() or None if value else None for value in fields)
+                yield StagedUser(line=reader.line_num, email=email, name=name)
+    except OSError as error:
+        raise DemoInputError(f"cannot read {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DemoInputError(f"{path}: not a UTF-8 CSV file: {error}") from None
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_staging(db: Database, records: Iterable[StagedUser]) -> int:
+    """Replace staging (and the previous run's rejects) with ``records``, by COPY.  One
+    transaction: a failure half-way leaves the previous staging as it was."""
+    with db.transaction() as conn:
+        conn.execute(sa.text("TRUNCATE users_staging, import_rejects"))
+        rows = ((r.line, r.email, r.name) for r in records)
+        return StagingRepository(db).bulk_load(rows, columns=("line", "email", "name"))
+
+
+# --------------------------------------------------------------------------- upsert
+
+
+@dataclass
+class ChunkResult:
+    upserted: int = 0
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def upsert_staged(
+    db: Database,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    batch_size: int = BATCH_SIZE,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Staging into ``users``, one transaction per chunk; ``(upserted, rejected)``.
+
+    The staged rows are read through a server-side cursor on a connection of its own, so
+    memory stays flat and each chunk commits on the thread's connection as it goes."""
+    staging, rejects = StagingRepository(db), RejectRepository(db)
+    upserted = rejected = 0
+    with contextlib.closing(staging.stream(order_by="line", batch_size=chunk_size)) as staged:
+        for chunk in _batched(staged, chunk_size):
+            with db.transaction():
+                result = ChunkResult()
+                for batch in _batched(chunk, batch_size):
+                    _upsert_isolating_rejects(UserRepository(db), batch, result)
+                rejects.insert_many(result.rejects)
+            upserted += result.upserted
+            rejected += len(result.rejects)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    return upserted, rejected
+
+
+def _upsert_isolating_rejects(
+    users: UserRepository,
+    batch: Sequence[StagedUser],
+    result: ChunkResult,
+    *,
+    known_bad: bool = False,
+) -> None:
+    """Upsert ``batch`` in a savepoint; if the database refuses it, split it until the
+    refused records stand alone, and record each of those with the reason.
+
+    A bisection: one bad record in a batch of n costs about 2·log2(n) savepoints.  When
+    the first half of a refused batch goes in, the second half must hold the culprit, so
+    it is split without being tried whole (``known_bad``); were that guess ever wrong,
+    its records would still go in one by one."""
+    if not known_bad:
+        try:
+            with users.db.transaction():  # a savepoint: a failure undoes this batch only
+                result.upserted += users.upsert_many(
+                    ({"email": r.email, "name": r.name} for r in batch), conflict=("email",)
+                )
+            return
+        except IntegrityError as error:
+            if len(batch) == 1:
+                record = batch[0]
+                result.rejects.append(Reject(record.line, record.email, _reason(error)))
+                return
+    half = len(batch) // 2
+    rejected_before = len(result.rejects)
+    _upsert_isolating_rejects(users, batch[:half], result)
+    first_half_went_in = len(result.rejects) == rejected_before
+    _upsert_isolating_rejects(
+        users, batch[half:], result, known_bad=first_half_went_in and len(batch) - half > 1
+    )
+
+
+def _reason(error: IntegrityError) -> str:
+    """Which rule refused the record, from the server's diagnostics (not its message text,
+    which is translated and carries the failing row): short, and the same for every
+    record refused for the same reason, so rejects can be counted by it."""
+    if error.sqlstate == "23502" and error.column:
+        return f"{error.column} is missing (not null)"
+    if error.constraint:
+        return f"violates {error.constraint}"
+    return str(error).splitlines()[0]
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    rows: int
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class DemoResult:
+    source: str
+    loaded: int = 0
+    upserted: int = 0
+    rejected: int = 0
+    users: int = 0
+    domains: list[tuple[str, int]] = field(default_factory=list)
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=list)
+    health: str = ""
+    pool: dict[str, Any] = field(default_factory=dict)
+
+
+def report(db: Database, progress: Progress) -> tuple[int, list[tuple[str, int]]]:
+    """Users per email domain, the five largest, by streaming every user once."""
+    domains: Counter[str] = Counter()
+    with contextlib.closing(UserRepository(db).stream(batch_size=5_000)) as users:
+        for user in progress.wrap(users):
+            domains[user.email.rpartition("@")[2]] += 1
+    return sum(domains.values()), domains.most_common(5)
+
+
+def _reject_reasons(db: Database) -> dict[str, int]:
+    reason = import_rejects.c.reason
+    stmt = sa.select(reason, sa.func.count().label("n")).group_by(reason).order_by(reason)
+    return {row.reason: row.n for row in db.execute(stmt)}
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def run(
+    db: Database,
+    records: Iterable[StagedUser],
+    *,
+    total: int | None = None,
+    source: str = "generated",
+    chunk_size: int = CHUNK_SIZE,
+    batch_size: int = BATCH_SIZE,
+    out: IO[str] | None = None,
+    bar: bool | None = None,
+) -> DemoResult:
+    """The whole job on a migrated database; progress goes to ``out`` (a bar when it is a
+    terminal and ``bar`` is not False).  ``total``: the number of records, if known."""
+    if chunk_size < 1 or batch_size < 1:
+        raise ValueError(f"chunk and batch sizes must be positive: {chunk_size}, {batch_size}")
+    result = DemoResult(source=source)
+
+    @contextlib.contextmanager
+    def phase(name: str, total: int | None) -> Iterator[Progress]:
+        started = time.perf_counter()
+        with Progress(name, total, out=out, bar=bar) as progress:
+            yield progress
+        result.phases.append(Phase(name, time.perf_counter() - started, progress.count))
+
+    with phase("load", total) as progress:
+        result.loaded = load_staging(db, progress.wrap(records))
+    with phase("upsert", result.loaded) as progress:
+        result.upserted, result.rejected = upsert_staged(
+            db, chunk_size=chunk_size, batch_size=batch_size, on_chunk=progress.update
+        )
+    with phase("report", UserRepository(db).count()) as progress:
+        result.users, result.domains = report(db, progress)
+    result.reject_reasons = _reject_reasons(db)
+    health = db.health()
+    HealthRepository(db).record(health)
+    result.health = "ok" if health.ok else f"down: {health.error}"
+    result.pool = db.stats().as_dict()
+    return result
+
+
+def print_summary(result: DemoResult, out: IO[str]) -> None:
+    def line(text: str = "") -> None:
+        print(text, file=out)
+
+    line()
+    line(f"loaded      {result.loaded:>9} rows into users_staging (COPY)")
+    line(f"upserted    {result.upserted:>9} rows into users")
+    line(f"rejected    {result.rejected:>9} rows into import_rejects")
+    for reason, count in result.reject_reasons.items():
+        line(f"  {count:>7}  {reason}")
+    line(f"users       {result.users:>9} in the table now")
+    line("top domains " + ", ".join(f"{d} {n}" for d, n in result.domains))
+    line()
+    line(f"{'phase':<8} {'rows':>9} {'seconds':>9} {'rows/s':>10}")
+    for p in result.phases:
+        line(f"{p.name:<8} {p.rows:>9} {p.seconds:>9.2f} {p.rows_per_second:>10.0f}")
+    line()
+    line(f"health      {result.health} (recorded in health_checks)")
+    pool = result.pool
+    line(
+        "pool        "
+        + ", ".join(
+            f"{key} {pool[key]}"
+            for key in (
+                "max_open_connections",
+                "open_connections",
+                "in_use",
+                "idle",
+                "wait_count",
+                "wait_duration",
+            )
+            if key in pool
+        )
+    )
