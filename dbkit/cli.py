@@ -6,17 +6,48 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from dbkit.database import Database
 from dbkit.errors import ConfigError, DbkitError
-from dbkit.settings import PostgresConfig, load_settings
+from dbkit.settings import (
+    CONFIG_DIR_VAR,
+    PostgresConfig,
+    default_settings_files,
+    describe_settings,
+    load_settings,
+)
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NOT_RUNNING = 3  # `dbkit local status`, as LSB init scripts say it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``timeout``, ``kill``), raised where Ctrl-C would be:
+    psycopg cancels the running query, transactions roll back, a throwaway server stops.
+    Python's default for SIGTERM is to die on the spot, leaving all that behind."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+class CommandFailed(DbkitError):
+    """A command's own failure: ``main`` prints the message and exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +69,103 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(handler=_check)
+
+    config = commands.add_parser(
+        "config", help="the effective settings, secrets masked, and where each value came from"
+    )
+    config.add_argument("--json", action="store_true", help="print the settings as JSON")
+    config.set_defaults(handler=_config)
+
     _add_migrate(commands)
+    _add_local(commands)
+    _add_demo(commands)
     return parser
+
+
+def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``dbkit local start|stop|status|url``: a kept local PostgreSQL (dbkit.local)."""
+    from dbkit.local import default_data_dir
+
+    local = commands.add_parser(
+        "local", help="a local PostgreSQL from this machine's binaries, data kept between runs"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"the cluster's directory (default: $DBKIT_LOCAL_DIR, else {default_data_dir()})",
+    )
+    actions = local.add_subparsers(dest="action", required=True, metavar="ACTION")
+    start = actions.add_parser(
+        "start", parents=[common], help="initialise (first time) and start; print the URL"
+    )
+    start.add_argument("--port", type=int, help="TCP port (default: the last one, else free)")
+    actions.add_parser("stop", parents=[common], help="stop the server; the data stays")
+    actions.add_parser(
+        "status", parents=[common], help="print whether it runs (exit 3 when it does not)"
+    )
+    actions.add_parser(
+        "url",
+        parents=[common],
+        help="print its URL, for DATABASE_URL (exit 1 when it does not run)",
+    )
+    local.set_defaults(handler=_local)
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from dbkit import demo
+
+    parser = commands.add_parser(
+        "demo",
+        help="the batch demo: COPY, chunked upserts with rejects, streaming report",
+        description=(
+            "Load N user records (some invalid) into users_staging by COPY, upsert them into "
+            "users one chunk per transaction (bad records isolated in savepoints and written "
+            "to import_rejects), stream a report, record a health check.  With no database "
+            "configured (DATABASE_URL, DBKIT_DATABASE__POSTGRES__*, a settings file of "
+            "yours, --url), it runs on a throwaway local PostgreSQL, migrated first and "
+            "stopped at the end.  A configured database must be migrated already."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--rows",
+        type=_count,
+        default=demo.DEFAULT_ROWS,
+        metavar="N",
+        help=f"records to generate (default {demo.DEFAULT_ROWS})",
+    )
+    source.add_argument("--csv", type=Path, metavar="PATH", help="read records from a CSV")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--url", help="database URL (must be migrated: dbkit migrate upgrade)")
+    target.add_argument(
+        "--local", action="store_true", help="use a throwaway local PostgreSQL in any case"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_count,
+        default=demo.CHUNK_SIZE,
+        metavar="N",
+        help=f"records per transaction (default {demo.CHUNK_SIZE})",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="plain progress lines even in a terminal",
+    )
+    parser.set_defaults(handler=_demo)
+
+
+def _count(text: str) -> int:
+    """A positive int for argparse, with its own error message."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,6 +276,133 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK if health.ok else EXIT_FAILED
 
 
+def _config(args: argparse.Namespace) -> int:
+    settings = load_settings(env=args.env, settings_files=args.settings)
+    rows = describe_settings(env=settings.env, settings_files=args.settings)
+    if args.json:
+        payload = {
+            "environment": settings.env,
+            "settings": {key: {"value": value, "source": src} for key, value, src in rows},
+        }
+        print(json.dumps(payload, indent=2))
+        return EXIT_OK
+    files = args.settings or default_settings_files()
+    print(f"environment  {settings.env}")
+    for path in files:
+        print(f"file         {path}{'' if Path(path).exists() else ' (not found)'}")
+    width = max(len(key) for key, _, _ in rows)
+    value_width = min(max(len(value) for _, value, _ in rows), 40)
+    for key, value, source in rows:
+        print(f"{key:<{width}}  {value:<{value_width}}  {source}")
+    return EXIT_OK
+
+
+def _local(args: argparse.Namespace) -> int:
+    from dbkit.local import LocalPostgres, default_data_dir
+
+    data_dir = args.data_dir or default_data_dir()
+    if args.action == "start":
+        server = LocalPostgres(data_dir, port=args.port)
+        if server.is_running():
+            server.start()  # adopts the running server's port
+            print(f"already running: {server.url}")
+        else:
+            server.start()
+            print(server.url)
+        print(f"data in {server.data_dir}, log {server.log_file}", file=sys.stderr)
+        return EXIT_OK
+    running = LocalPostgres.attach(data_dir)
+    if args.action == "stop":
+        if running is None:
+            print(f"not running (data in {data_dir})")
+        else:
+            running.stop()
+            print(f"stopped (data kept in {data_dir})")
+        return EXIT_OK
+    if running is None:
+        if args.action == "status":
+            raise CommandFailed(f"not running (data in {data_dir})", EXIT_NOT_RUNNING)
+        raise CommandFailed(
+            f"no local server running in {data_dir}: start one with `dbkit local start`"
+        )
+    if args.action == "status":
+        print(f"running at {running.url} (pid {running.pid}, data in {data_dir})")
+    else:
+        print(running.url)
+    return EXIT_OK
+
+
+def _database_configured(args: argparse.Namespace) -> bool:
+    """Whether the user named a database, rather than leaving the project's defaults:
+    ``--url``, a URL or connection variable in the environment, or a connection field in
+    a settings file of their own (``--settings``, ``$DBKIT_CONFIG_DIR``, .secrets.toml)."""
+    if args.url:
+        return True
+    shipped = (
+        None if os.environ.get(CONFIG_DIR_VAR) or args.settings else default_settings_files()[0]
+    )
+    connection = {"host", "port", "name", "username", "password"}
+    for key, _, source in describe_settings(env=args.env, settings_files=args.settings):
+        section, _, name = key.rpartition(".")
+        if section != "database.postgres" or name not in connection or source == "default":
+            continue
+        if shipped is None or not source.startswith(f"file:{shipped} "):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _demo_database(args: argparse.Namespace) -> Iterator[Database]:
+    """The configured database, required to be migrated; else a throwaway local server,
+    migrated here and stopped (and deleted) on the way out, Ctrl-C included."""
+    from dbkit import migrate
+
+    if not args.local and _database_configured(args):
+        with Database(_configured(args)) as db:
+            current, heads = migrate.current(db), migrate.heads()
+            if current not in heads:
+                raise CommandFailed(
+                    f"{db.config.safe_dsn()} is at revision {current or 'base'}, not at "
+                    f"{', '.join(heads)}: run `dbkit migrate upgrade` first (or use --local)"
+                )
+            print(f"database    {db.config.safe_dsn()}")
+            yield db
+        return
+    from dbkit.local import LocalPostgres
+
+    with LocalPostgres() as server:
+        print(f"database    throwaway local PostgreSQL {server.url}")
+        print(f"            in {server.data_dir}, stopped and removed at exit", flush=True)
+        with Database(PostgresConfig.from_url(server.url)) as db:
+            migrate.upgrade(db)
+            yield db
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dbkit import demo
+
+    records: Iterable[demo.StagedUser]
+    if args.csv is not None:
+        if not args.csv.is_file():
+            raise CommandFailed(f"no such file: {args.csv}", EXIT_USAGE)
+        records, total, source = demo.read_csv(args.csv), None, str(args.csv)
+    else:
+        records, total = demo.generate(args.rows), args.rows
+        source = f"{args.rows} generated records"
+    with _demo_database(args) as db:
+        print(f"source      {source}", flush=True)
+        result = demo.run(
+            db,
+            records,
+            total=total,
+            source=source,
+            chunk_size=args.chunk_size,
+            bar=False if args.no_progress else None,
+        )
+        demo.print_summary(result, sys.stdout)
+    return EXIT_OK
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from dbkit import migrate
 
@@ -183,8 +436,31 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with _sigterm_interrupts():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` while a command runs (main thread only: Python
+    delivers signals there), and the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its failures turned into one line on stderr and an exit code."""
     try:
         code: int = args.handler(args)
+    except CommandFailed as error:
+        print(f"dbkit {args.command}: {error}", file=sys.stderr)
+        return error.code
     except ConfigError as error:
         problems = "; ".join(error.problems)
         print(f"dbkit {args.command}: invalid settings: {problems}", file=sys.stderr)
@@ -193,9 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = " ".join(str(error).split())
         print(f"dbkit {args.command}: {reason}", file=sys.stderr)
         return EXIT_FAILED
+    except Terminated:
+        print(f"dbkit {args.command}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"dbkit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 

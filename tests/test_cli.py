@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-
-
-def run_dbkit(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):  # type: ignore[no-untyped-def]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DBKIT_")}
-    full_env.pop("DATABASE_URL", None)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "dbkit", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=120,
-    )
+from cli_helpers import one_line, run_dbkit
 
 
 def test_check_prints_health_version_and_pool_stats(db_url: str) -> None:
@@ -96,3 +80,119 @@ def test_check_does_not_warn_about_sslmode_outside_production(make_server: Any) 
     result = run_dbkit("check", "--url", url, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["warnings"] == []
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_config_shows_values_sources_and_masks_the_password(tmp_path: Path) -> None:
+    settings = tmp_path / "settings.toml"
+    settings.write_text('[development.database.postgres]\nhost = "db.internal"\n')
+    env = {
+        "DBKIT_DATABASE__POSTGRES__PASSWORD": "pw-never-shown",
+        "DBKIT_DATABASE__POSTGRES__PORT": "6543",
+    }
+    result = run_dbkit("--settings", str(settings), "config", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert rows["environment"] == ["environment", "development"]
+    assert rows["database.postgres.host"][1:] == [
+        "db.internal",
+        f"file:{settings}",
+        "[development]",
+    ]
+    assert rows["database.postgres.port"][1:] == ["6543", "env:DBKIT_DATABASE__POSTGRES__PORT"]
+    assert rows["database.postgres.password"][1:] == [
+        "***",
+        "env:DBKIT_DATABASE__POSTGRES__PASSWORD",
+    ]
+    assert rows["database.postgres.max_open_conns"][1:] == ["25", "default"]
+    assert "pw-never-shown" not in result.stdout + result.stderr
+
+
+def test_config_json_with_database_url(tmp_path: Path) -> None:
+    url = "postgresql://app:pw-never-shown@db.example.com:6000/orders"
+    result = run_dbkit("config", "--json", env={"DATABASE_URL": url}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    settings = report["settings"]
+    assert settings["database.postgres.host"] == {
+        "value": "db.example.com",
+        "source": "env:DATABASE_URL",
+    }
+    assert settings["database.postgres.password"]["value"] == "***"
+    assert settings["log.level"] == {"value": "INFO", "source": "default"}  # no config dir
+    assert "pw-never-shown" not in result.stdout
+
+
+def test_config_with_bad_settings_exits_2() -> None:
+    result = run_dbkit("config", env={"DBKIT_DATABASE__POSTGRES__MAX_OPEN_CONNS": "-3"})
+    assert result.returncode == 2
+    assert "max_open_conns" in one_line(result.stderr)
+
+
+# ------------------------------------------------------------------------------- local
+
+
+def test_local_start_status_url_stop(kept_parent: Path) -> None:
+    data = kept_parent / "pg"
+    env = {"DBKIT_LOCAL_DIR": str(data)}  # the default data dir, as users set it
+    started = run_dbkit("local", "start", env=env)
+    assert started.returncode == 0, started.stderr
+    url = started.stdout.strip()
+    assert url.startswith("postgresql+psycopg://postgres@127.0.0.1:")
+    with psycopg.connect(url.replace("+psycopg", "")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    assert run_dbkit("local", "url", "--data-dir", str(data)).stdout.strip() == url
+    status = run_dbkit("local", "status", env=env)
+    assert status.returncode == 0 and status.stdout.startswith(f"running at {url} (pid ")
+    again = run_dbkit("local", "start", env=env)
+    assert again.returncode == 0 and again.stdout.strip() == f"already running: {url}"
+
+    stopped = run_dbkit("local", "stop", env=env)
+    assert stopped.returncode == 0 and stopped.stdout.startswith("stopped (data kept in")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url.replace("+psycopg", ""), connect_timeout=3)
+    status = run_dbkit("local", "status", env=env)
+    assert status.returncode == 3 and "not running" in one_line(status.stderr)
+    no_url = run_dbkit("local", "url", env=env)
+    assert no_url.returncode == 1 and "dbkit local start" in one_line(no_url.stderr)
+    assert run_dbkit("local", "stop", env=env).stdout.startswith("not running")
+
+    restarted = run_dbkit("local", "start", env=env)  # same data, same port: same URL
+    assert restarted.returncode == 0 and restarted.stdout.strip() == url
+    assert run_dbkit("local", "stop", env=env).returncode == 0
+
+
+def test_local_start_without_binaries_says_how_to_install(tmp_path: Path) -> None:
+    data = tmp_path / "pg"
+    result = run_dbkit(
+        "local", "start", "--data-dir", str(data), env={"DBKIT_PG_BIN": str(tmp_path)}
+    )
+    assert result.returncode == 1
+    assert "apt-get install postgresql" in one_line(result.stderr)
+    assert not data.exists()  # nothing made before the binaries were found
+
+
+def test_migrate_against_a_server_that_is_down(free_port: int) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port}/postgres"
+    env = {"DBKIT_DATABASE__POSTGRES__MAX_RETRIES": "0"}
+    result = run_dbkit("migrate", "current", "--url", url, env=env)
+    assert result.returncode == 1
+    assert one_line(result.stderr).startswith("dbkit migrate: ")
+
+
+def test_every_command_has_help() -> None:
+    for command in (
+        [],
+        ["check"],
+        ["config"],
+        ["migrate"],
+        ["migrate", "upgrade"],
+        ["local"],
+        ["local", "start"],
+        ["demo"],
+    ):
+        result = run_dbkit(*command, "--help")
+        assert result.returncode == 0 and result.stdout.startswith("usage: dbkit"), command
