@@ -31,5 +31,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
+    """`nox -s bench -- --quick`, `-- --only stream`: arguments go to `python -m tests.bench`.
+    The bench extra brings the other contenders (psycopg-pool, dataset 2, which runs on
+    SQLAlchemy 2 beside dbkit in this one environment)."""
     session.install("-e", ".[test,bench]")
     session.run("python", "-m", "tests.bench", *session.posargs)
