@@ -616,6 +616,9 @@ class LocalPostgres:
         except (OSError, ValueError):
             return None
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the server binds: SO_REUSEADDR, so the TIME_WAIT connections our last
+            # server left on this port do not count as taken (a listener still does).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((self.host, port))
             except OSError:
