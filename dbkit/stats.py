@@ -78,6 +78,16 @@ class PoolCounters:
         with self._lock:
             self.in_use -= 1
 
+    def connected(self) -> None:
+        with self._lock:
+            self.open += 1
+            self.connects += 1
+
+    def detached(self) -> None:
+        with self._lock:
+            self.open -= 1
+            self.in_use -= 1
+
     def waited(self, seconds: float, timed_out: bool) -> None:
         with self._lock:
             self.wait_count += 1
@@ -161,8 +171,11 @@ class QueryCounters:
     def transaction(self, outcome: str) -> None:
         """``outcome``: committed, rolled_back or retried."""
         with self._lock:
-            name = f"transactions_{outcome}"
-            setattr(self, name, getattr(self, name) + 1)
+            if outcome == "committed":
+                self.transactions_committed += 1
+            else:
+                name = f"transactions_{outcome}"
+                setattr(self, name, getattr(self, name) + 1)
 
     def snapshot(self) -> QueryStats:
         with self._lock:

@@ -3,6 +3,7 @@ liveness after the server drops connections."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -102,6 +103,45 @@ def test_exhausted_pool_raises_pool_timeout_with_limits(db_url: str) -> None:
     finally:
         db.close()
 
+
+
+def test_interrupted_wait_does_not_lose_the_connection(db_url: str) -> None:
+    """Ctrl-C while waiting for a connection (a signal handler raising in the main thread):
+    the connection released afterwards must go back to the pool, not to the gone waiter."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    # A lost connection would make the last checkout below time out after 3 s.
+    db = Database.from_url(db_url, max_open_conns=1, max_idle_conns=1, timeout=3).connect()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with db.transaction():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        assert holding.wait(10)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            db.scalar("SELECT 1")  # blocks: the only connection is held
+        release.set()
+        holder.join()
+        assert db.scalar("SELECT 2") == 2
+        stats = db.stats()
+        assert stats.in_use == 0 and stats.idle == 1 and stats.wait_timeouts == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.set()
+        db.close()
 
 def test_idle_connections_are_evicted_and_counted(db_url: str) -> None:
     app = "idle-test"
