@@ -24,15 +24,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import psycopg
 import sqlalchemy as sa
 from loguru import logger
-from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, RootTransaction
+from sqlalchemy.engine.cursor import CursorResult
+from sqlalchemy.engine.interfaces import BindTyping
+from sqlalchemy.sql.compiler import WARN_LINTING
+from sqlalchemy.sql.elements import ClauseElement
 
+from dbkit.engine import DbkitPgConnection
 from dbkit.errors import (
     CircuitOpenError,
     ConnectError,
@@ -85,6 +89,10 @@ def _normalize_isolation(value: str | None) -> str | None:
     return level
 
 
+class _NotDirect(Exception):
+    """The statement needs SQLAlchemy's full execution path; nothing was done."""
+
+
 class DbkitConnection(sa.Connection):
     """The connection handed out by ``db.transaction()``.
 
@@ -108,19 +116,23 @@ class DbkitConnection(sa.Connection):
             )
 
     def commit(self) -> None:
-        self._refuse("Connection.commit()")
+        if self._dbkit_state is not None:
+            self._refuse("Connection.commit()")
         super().commit()
 
     def rollback(self) -> None:
-        self._refuse("Connection.rollback()")
+        if self._dbkit_state is not None:
+            self._refuse("Connection.rollback()")
         super().rollback()
 
     def begin(self) -> RootTransaction:
-        self._refuse("Connection.begin()")
+        if self._dbkit_state is not None:
+            self._refuse("Connection.begin()")
         return super().begin()
 
     def close(self) -> None:
-        self._refuse("Connection.close()")
+        if self._dbkit_state is not None:
+            self._refuse("Connection.close()")
         super().close()
 
     # Set per engine (install_transaction_events makes a subclass): told about every
@@ -128,36 +140,167 @@ class DbkitConnection(sa.Connection):
     _dbkit_observer: StatementObserver | None = None
 
     def _run(self, method: Callable[..., R], statement: Any, *args: Any, **kwargs: Any) -> R:
-        """Every statement passes here: the broken-transaction guard, then timing.  (Not a
-        `before_execute` event: any ConnectionEvents listener makes SQLAlchemy take its
-        slower event path on every statement of every connection.)"""
+        """Every statement passes here: the broken-transaction guard, timing, and noticing
+        a statement that broke the block's transaction.  (Not events: a `before_execute`
+        listener makes SQLAlchemy take its slower event path on every statement, and a
+        `handle_error` one would keep statements off dbkit's driver path.)"""
         state = self._dbkit_state
-        if state is not None:
+        if (
+            state is not None
+            and (state.needs_rollback or state.failed_exc is not None)
+            and not state.internal
+        ):
             state.check_can_run()
         observer = self._dbkit_observer
-        if observer is None:
-            return method(statement, *args, **kwargs)
         started = time.perf_counter()
         try:
             result = method(statement, *args, **kwargs)
         except Exception as error:
-            observer.observe(
-                time.perf_counter() - started, error, statement, args[:1], self.dialect
-            )
+            if observer is not None:
+                observer.observe(
+                    time.perf_counter() - started, error, statement, args[:1], self.dialect
+                )
+            if state is not None:
+                _notice_failure(state, self, error)
             raise
-        observer.observe(time.perf_counter() - started, None, statement, args[:1], self.dialect)
+        if observer is not None:
+            observer.observe(time.perf_counter() - started, None, statement, args[:1], self.dialect)
         return result
+
+    def _execute_direct(self, statement: Any, parameters: Any) -> CursorResult[Any]:
+        """``Connection.execute()`` of a statement with at most one parameter set, when no
+        event listener, echo logging or execution option is in play: SQLAlchemy's own steps
+        (compiled cache, execution context, DBAPI execute, result, error handling) without
+        the dispatching around them that nothing listens to, and -- for a SELECT whose
+        result metadata SQLAlchemy has cached -- without having the driver describe the
+        columns again (psycopg builds new objects for that on every call).  Raises
+        ``_NotDirect`` before doing anything when SQLAlchemy's full path is needed."""
+        if (
+            self._execution_options
+            or self._has_events
+            or self.engine._has_events
+            or self._echo
+            or self._trans_context_manager
+            or not isinstance(statement, ClauseElement)
+        ):
+            raise _NotDirect
+        elem: Any = statement
+        if elem._execution_options or not (elem.is_select or elem.is_dml or elem._is_text_clause):
+            raise _NotDirect
+        conn = self._dbapi_connection
+        dialect = self.dialect
+        if (
+            conn is None
+            or dialect.bind_typing is BindTyping.SETINPUTSIZES
+            or (
+                dialect._has_events
+                and (dialect.dispatch.do_execute or dialect.dispatch.do_execute_no_params)
+            )
+        ):
+            raise _NotDirect
+        if parameters is None:
+            distilled: Any = ()
+            keys: list[str] = []
+        elif isinstance(parameters, dict):
+            distilled = [parameters]
+            keys = sorted(parameters)
+        else:
+            raise _NotDirect
+        found = elem._compile_w_cache(
+            dialect=dialect,
+            compiled_cache=self.engine._compiled_cache,
+            column_keys=keys,
+            for_executemany=False,
+            schema_translate_map=None,
+            linting=dialect.compiler_linting | WARN_LINTING,
+        )
+        # SQLAlchemy 2.1 returns the parameters collected from a statement without a cache
+        # key too; 2.0 three items.
+        extra = {"param_dict": found[2]} if len(found) == 4 else {}
+        compiled: Any = found[0]
+        extracted, cache_hit = found[1], found[-1]
+        try:
+            context: Any = dialect.execution_ctx_cls._init_compiled(
+                dialect,
+                self,
+                conn,
+                self._execution_options,
+                compiled,
+                distilled,
+                elem,
+                extracted,
+                cache_hit=cache_hit,
+                **extra,
+            )
+        except (sa_exc.PendingRollbackError, sa_exc.ResourceClosedError):
+            raise
+        except BaseException as error:
+            self._handle_dbapi_exception(error, str(compiled), distilled, None, None)
+        transaction, nested = self._transaction, self._nested_transaction
+        if (transaction is not None and not transaction.is_active) or (
+            nested is not None and not nested.is_active
+        ):
+            self._invalid_transaction()
+        if transaction is None:
+            self._autobegin()
+        context.pre_exec()
+        cursor = context.cursor
+        sql = context.statement
+        values = context.parameters[0]
+        result: Any = None
+        try:
+            dialect.do_execute(cursor, sql, values, context)
+            context.post_exec()
+            strategy = context.cursor_fetch_strategy
+            if (
+                compiled._cached_metadata is not None
+                and not context.is_crud
+                and not context.is_text
+                and not context._is_server_side
+                and strategy.alternate_cursor_description is None
+                and not compiled.has_out_parameters
+            ):
+                # What _setup_result_proxy() does for a SELECT, minus cursor.description,
+                # which CursorResult does not read when the compiled metadata is cached.
+                result = CursorResult(context, strategy, ())
+                context._soft_closed = result._soft_closed
+            else:
+                result = context._setup_result_proxy()
+        except BaseException as error:
+            self._handle_dbapi_exception(error, sql, values, cursor, context)
+        return cast("CursorResult[Any]", result)
 
     if not TYPE_CHECKING:  # same signatures as sqlalchemy.Connection for type checkers
 
-        def execute(self, statement, *args, **kwargs):
-            return self._run(super().execute, statement, *args, **kwargs)
+        def execute(self, statement, parameters=None, *, execution_options=None):
+            if execution_options is None:
+                return self._run(self._execute_or_fall_back, statement, parameters)
+            return self._run(
+                super().execute, statement, parameters, execution_options=execution_options
+            )
+
+        def _execute_or_fall_back(self, statement, parameters):
+            try:
+                return self._execute_direct(statement, parameters)
+            except _NotDirect:
+                return sa.Connection.execute(self, statement, parameters)
 
         def exec_driver_sql(self, statement, *args, **kwargs):
             return self._run(super().exec_driver_sql, statement, *args, **kwargs)
 
-        def scalar(self, statement, *args, **kwargs):
-            return self._run(super().scalar, statement, *args, **kwargs)
+        def scalar(self, statement, parameters=None, *, execution_options=None):
+            if execution_options is None:
+                return self._run(self._scalar_or_fall_back, statement, parameters)
+            return self._run(
+                super().scalar, statement, parameters, execution_options=execution_options
+            )
+
+        def _scalar_or_fall_back(self, statement, parameters):
+            try:
+                result = self._execute_direct(statement, parameters)
+            except _NotDirect:
+                return sa.Connection.scalar(self, statement, parameters)
+            return result.scalar()
 
         def scalars(self, statement, *args, **kwargs):
             # Connection.scalars() runs through self.execute: observed there.
@@ -390,14 +533,21 @@ class TransactionManager:
         conn = self._db._checkout()
         assert isinstance(conn, DbkitConnection)
         try:
-            options: dict[str, Any] = {}
-            if tx.isolation is not None:
-                options["isolation_level"] = tx.isolation
-            if tx.readonly:
-                # psycopg sends BEGIN READ ONLY / BEGIN ISOLATION LEVEL …: no extra trip.
-                options["postgresql_readonly"] = True
-            if options:
-                conn.execution_options(**options)
+            driver = conn.connection.driver_connection
+            # BEGIN goes out now, its answer is read with the first statement's: the round
+            # trip overlaps with the Python work in between (see DbkitPgConnection).
+            if not (
+                isinstance(driver, DbkitPgConnection)
+                and driver.send_begin(tx.isolation, tx.readonly)
+            ):
+                options: dict[str, Any] = {}
+                if tx.isolation is not None:
+                    options["isolation_level"] = tx.isolation
+                if tx.readonly is not None:
+                    # psycopg sends BEGIN READ ONLY / BEGIN ISOLATION LEVEL …: no extra trip.
+                    options["postgresql_readonly"] = tx.readonly
+                if options:
+                    conn.execution_options(**options)
             root = conn.begin()
         except BaseException:
             conn.close()
@@ -715,6 +865,20 @@ class TransactionManager:
             state.reset()
 
 
+def _notice_failure(state: _State, conn: sa.Connection, error: BaseException) -> None:
+    """A statement failed inside a block: when it broke the transaction (PostgreSQL aborted
+    it, or the connection is gone), no further statement of the block may run."""
+    if isinstance(error, TransactionError):
+        return
+    disconnect = isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+    if disconnect or _server_aborted(conn):
+        if state.failed_exc is None:
+            state.failed_exc = error
+        state.needs_rollback = True
+        if state.rollback_exc is None:
+            state.rollback_exc = error
+
+
 def _server_aborted(conn: sa.Connection | None) -> bool:
     """What libpq knows about the server's transaction: INERROR after any failed statement,
     even one whose error was swallowed outside dbkit's view."""
@@ -788,22 +952,7 @@ def _worth_retrying(error: BaseException) -> bool:
 
 
 def install_transaction_events(engine: Engine, observer: StatementObserver | None = None) -> None:
-    """Hand out DbkitConnections, and notice statements that fail inside a block."""
+    """Hand out DbkitConnections (whose statements notice failures inside a block)."""
     engine._connection_cls = type(
         "DbkitConnection", (DbkitConnection,), {"__slots__": (), "_dbkit_observer": observer}
     )
-
-    @event.listens_for(engine, "handle_error")
-    def notice_failure(context: sa.engine.ExceptionContext) -> None:
-        conn = context.connection
-        state = getattr(conn, "_dbkit_state", None)
-        if state is None or isinstance(context.original_exception, TransactionError):
-            return
-        assert conn is not None
-        if context.is_disconnect or _server_aborted(conn):
-            failure = context.sqlalchemy_exception or context.original_exception
-            if state.failed_exc is None:
-                state.failed_exc = failure
-            state.needs_rollback = True
-            if state.rollback_exc is None:
-                state.rollback_exc = failure

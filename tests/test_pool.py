@@ -104,7 +104,6 @@ def test_exhausted_pool_raises_pool_timeout_with_limits(db_url: str) -> None:
         db.close()
 
 
-
 def test_interrupted_wait_does_not_lose_the_connection(db_url: str) -> None:
     """Ctrl-C while waiting for a connection (a signal handler raising in the main thread):
     the connection released afterwards must go back to the pool, not to the gone waiter."""
@@ -142,6 +141,7 @@ def test_interrupted_wait_does_not_lose_the_connection(db_url: str) -> None:
         signal.signal(signal.SIGALRM, previous)
         release.set()
         db.close()
+
 
 def test_idle_connections_are_evicted_and_counted(db_url: str) -> None:
     app = "idle-test"
