@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import backoff
-import psycopg
 import sqlalchemy as sa
 from loguru import logger
 from sqlalchemy import exc as sa_exc
@@ -23,10 +22,17 @@ from sqlalchemy.engine import Engine, Result
 from sqlalchemy.pool import PoolProxiedConnection
 
 from dbkit.engine import create_engine, pool_policy
-from dbkit.errors import CircuitOpenError, ConnectError, PoolTimeoutError, is_transient
+from dbkit.errors import (
+    CircuitOpenError,
+    ConnectError,
+    DbkitError,
+    PoolTimeoutError,
+    is_transient,
+)
 from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired
+from dbkit.repository.fastpath import DriverPath, NotHandled
 from dbkit.resilience import CircuitBreaker
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
 from dbkit.transaction import (
@@ -89,6 +95,7 @@ class Database:
         self._engine_options = engine_options
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self._driver: DriverPath | None = None
         self._counters = PoolCounters(config.max_open_conns)
         self.breaker = CircuitBreaker(
             config.breaker_failure_threshold,
@@ -256,24 +263,37 @@ class Database:
         """Pool exhaustion and connect failures, in dbkit's terms."""
         try:
             yield
-        except sa_exc.TimeoutError as error:
+        except (sa_exc.TimeoutError, sa_exc.DBAPIError) as error:
+            raise self._checkout_error(error) from error
+
+    def _checkout_error(self, error: sa_exc.TimeoutError | sa_exc.DBAPIError) -> DbkitError:
+        """A checkout's failure in dbkit's terms: the pool exhausted, or no connection."""
+        if isinstance(error, sa_exc.TimeoutError):
             stats = self.stats()
             config = self._config
             limit = config.max_open_conns or "unlimited"
-            raise PoolTimeoutError(
+            return PoolTimeoutError(
                 f"no connection became free within {config.timeout:g}s: {stats.in_use} in "
                 f"use, max_open_conns={limit}, max_idle_conns={config.max_idle_conns}; "
                 "raise max_open_conns or look for connections held too long"
-            ) from error
-        except sa_exc.DBAPIError as error:
-            raise ConnectError(
-                f"cannot connect to {self._config.safe_dsn()}: {_reason(error)}"
-            ) from error
+            )
+        return ConnectError(f"cannot connect to {self._config.safe_dsn()}: {_reason(error)}")
+
+    def _driver_path(self) -> DriverPath:
+        """The driver-level runner of statements outside a transaction (see
+        ``dbkit.repository.fastpath``), for the current engine."""
+        engine = self.engine
+        path = self._driver
+        if path is None or path.engine is not engine:
+            path = self._driver = DriverPath(engine, self._observer, self._checkout_error)
+        return path
 
     def _checkout(self) -> DbkitConnection:
         """A pooled connection (SQLAlchemy ``Connection``)."""
-        with self._pool_errors():
+        try:
             conn = self.engine.connect()
+        except (sa_exc.TimeoutError, sa_exc.DBAPIError) as error:
+            raise self._checkout_error(error) from error
         assert isinstance(conn, DbkitConnection)
         return conn
 
@@ -301,6 +321,10 @@ class Database:
             with self.transaction() as conn:
                 result = conn.execute(stmt, params)
                 return result.freeze()() if result.returns_rows else result
+        try:
+            return self._driver_path().rows(stmt, params)
+        except NotHandled:  # nothing was sent: SQLAlchemy's own path
+            pass
         with self._autocommit() as conn:
             result = conn.execute(stmt, params)
             return result.freeze()() if result.returns_rows else result
@@ -310,6 +334,10 @@ class Database:
         ambient = self._transactions.connection()
         if ambient is not None:
             return ambient.scalar(stmt, params)
+        try:
+            return self._driver_path().scalar(stmt, params)
+        except NotHandled:  # nothing was sent: SQLAlchemy's own path
+            pass
         with self._autocommit() as conn:
             return conn.scalar(stmt, params)
 
@@ -317,20 +345,15 @@ class Database:
     def _autocommit(self) -> Iterator[DbkitConnection]:
         """A pooled connection in autocommit for one statement.  The driver flag is set
         directly: SQLAlchemy's isolation_level option would also reset the isolation level
-        and read-only mode on return, several driver calls per statement for nothing."""
+        and read-only mode on return, several driver calls per statement for nothing.  It
+        is left set: the pool turns it off when SQLAlchemy checks the connection out."""
         conn = self._checkout()
         try:
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
-            dbapi.autocommit = True
-            try:
-                yield conn
-            finally:
-                try:
-                    dbapi.autocommit = False
-                except psycopg.Error:
-                    # A broken connection must not go back to the pool half-configured.
-                    conn.invalidate()
+            if not dbapi.autocommit:
+                dbapi.autocommit = True
+            yield conn
         finally:
             conn.close()
 
