@@ -18,7 +18,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def tests_sqlalchemy20(session: nox.Session) -> None:
-    """The suite on the oldest SQLAlchemy we accept: dbkit's driver-level fast paths call
+    """The suite on SQLAlchemy 2.0, the oldest minor we accept: dbkit's driver-level paths call
     some of SQLAlchemy's private API (compiled cache, execution context), which 2.1 moved."""
     session.install("-e", ".[test,prometheus,otel]", "opentelemetry-sdk", "SQLAlchemy>=2.0.30,<2.1")
     session.run("pytest", *session.posargs)
