@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from loguru import logger
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, Result
-from sqlalchemy.pool import PoolProxiedConnection
 
 from dbkit.engine import create_engine, pool_policy
 from dbkit.errors import (
@@ -258,14 +257,6 @@ class Database:
 
     # -- connections -----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _pool_errors(self) -> Iterator[None]:
-        """Pool exhaustion and connect failures, in dbkit's terms."""
-        try:
-            yield
-        except (sa_exc.TimeoutError, sa_exc.DBAPIError) as error:
-            raise self._checkout_error(error) from error
-
     def _checkout_error(self, error: sa_exc.TimeoutError | sa_exc.DBAPIError) -> DbkitError:
         """A checkout's failure in dbkit's terms: the pool exhausted, or no connection."""
         if isinstance(error, sa_exc.TimeoutError):
@@ -296,12 +287,6 @@ class Database:
             raise self._checkout_error(error) from error
         assert isinstance(conn, DbkitConnection)
         return conn
-
-    def _checkout_driver(self, engine: Engine | None = None) -> PoolProxiedConnection:
-        """A pooled DBAPI connection without the SQLAlchemy ``Connection`` around it, for
-        driver-level fast paths (that wrapper costs about as much as the pool itself)."""
-        with self._pool_errors():
-            return (engine or self.engine).raw_connection()
 
     def execute(
         self,

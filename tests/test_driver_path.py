@@ -15,7 +15,8 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from dbkit import Database
-from dbkit.repository.fastpath import DriverPath, NotHandled
+from dbkit.repository import Repository
+from dbkit.repository.fastpath import DriverPath, NotHandled, _FastGet
 
 
 class Shouting(sa.TypeDecorator[str]):
@@ -133,3 +134,37 @@ def test_listeners_see_every_statement(heroes_db: Database, driver_calls: dict[s
         event.remove(heroes_db.engine, "before_cursor_execute", spy)
     assert len(seen) == 2 and all("driver_path_heroes" in s for s in seen)
     assert driver_calls == {"rows": 0, "scalar": 0}
+
+
+def test_repository_get_takes_the_same_turns(heroes_db: Database) -> None:
+    """``repo.get`` outside a transaction: on the driver path normally, on SQLAlchemy's when
+    a pool listener (leak detection, tracing) is installed; the same row either way."""
+
+    class Heroes(Repository[dict[str, Any]]):
+        table = heroes
+
+    repo = Heroes(heroes_db)
+    calls = 0
+    real = _FastGet.fetch
+
+    def spy(self: _FastGet, params: dict[str, Any]) -> Any:
+        nonlocal calls
+        row = real(self, params)  # NotHandled propagates uncounted
+        calls += 1
+        return row
+
+    checkouts: list[object] = []
+
+    def on_checkout(*args: Any) -> None:
+        checkouts.append(args[1])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_FastGet, "fetch", spy)
+        plain = repo.get(1)
+        event.listen(heroes_db.engine, "checkout", on_checkout)
+        try:
+            watched = repo.get(1)
+        finally:
+            event.remove(heroes_db.engine, "checkout", on_checkout)
+    assert plain == watched == {"id": 1, "name": "tintin!", "score": 1.5}
+    assert calls == 1 and len(checkouts) == 1

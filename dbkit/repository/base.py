@@ -37,7 +37,7 @@ from dbkit.repository.bulk import (
     _Statement,
     _UpsertStep,
 )
-from dbkit.repository.fastpath import _driver_stream, _FastGet, _instrumented
+from dbkit.repository.fastpath import NotHandled, _driver_stream, _FastGet, _instrumented
 from dbkit.repository.keyset import OrderBy, Page, _after_clause, _descending, _keys_of
 from dbkit.repository.plan import _Plan
 
@@ -162,12 +162,14 @@ class Repository(Generic[T]):
         key); ``NotFoundError`` when there is none."""
         plan = self._plan
         params = self._pk_params(pk)
-        ambient = self._db.connection()
-        fast = None if ambient is not None else self._fast_get(include_deleted)
-        if fast is not None:
-            row = fast.fetch(params)
+        stmt = plan.get_any if include_deleted else plan.get_visible
+        if self._db.connection() is None:  # outside a transaction: the driver path if it may
+            try:
+                row = self._fast_get(include_deleted).fetch(params)
+            except NotHandled:
+                row = self._fetch_one(stmt, params)
         else:
-            row = self._fetch_one(plan.get_any if include_deleted else plan.get_visible, params)
+            row = self._fetch_one(stmt, params)
         if row is None:
             raise self._not_found(pk)
         return cast(T, plan.make(row))
@@ -832,14 +834,13 @@ class Repository(Generic[T]):
         with self._statement() as conn:
             return int(conn.execute(stmt, params).rowcount)
 
-    def _fast_get(self, include_deleted: bool) -> _FastGet | None:
-        """The driver-level get, unless SQLAlchemy's cursor events are instrumented."""
+    def _fast_get(self, include_deleted: bool) -> _FastGet:
+        """The driver-level get for the current engine (it declines when instrumented)."""
         fast = self._fast_gets.get(include_deleted)
-        engine = self._db.engine
-        if fast is None or fast.engine is not engine:  # first use, or db reconnected
+        if fast is None or fast.engine is not self._db.engine:  # first use, or reconnected
             stmt = self._plan.get_any if include_deleted else self._plan.get_visible
             fast = self._fast_gets[include_deleted] = _FastGet(stmt, self._plan, self._db)
-        return None if _instrumented(engine) else fast
+        return fast
 
     def _stream(self, stmt: sa.Select[Any], batch_size: int) -> Generator[T, None, None]:
         make_all = self._plan.make_all

@@ -349,16 +349,14 @@ def _processed(rows: Sequence[Any], processors: Processors) -> builtins.list[tup
 
 
 class _FastGet:
-    """``get`` outside a transaction: the statement compiled once, run in autocommit on the
-    pool's DBAPI connection itself (no SQLAlchemy ``Connection`` around it), one round
-    trip.  Metrics, bind/result processing and error wrapping as on the usual path."""
+    """``get`` outside a transaction on the driver path: the statement compiled once, run
+    in autocommit on the pooled psycopg connection, one round trip.  Metrics, bind/result
+    processing and error wrapping as on the usual path."""
 
     def __init__(self, stmt: sa.Select[Any], plan: _Plan, db: Database) -> None:
         engine = db.engine
-        self.db = db
         self.engine = engine
         self.dialect = dialect = engine.dialect
-        self.observer = getattr(db, "_observer", None)  # dbkit's statement metrics
         self.path = db._driver_path()
         self.sql = stmt.compile(dialect=dialect).string
         self.columns = plan.columns
@@ -370,15 +368,16 @@ class _FastGet:
         self.result_processors: Processors | None = None  # known after the first row
 
     def fetch(self, params: dict[str, Any]) -> Sequence[Any] | None:
-        for name, proc in self.bind_processors:
-            params[name] = proc(params[name])
+        """The row, or None; ``NotHandled`` (nothing sent, ``params`` untouched) when the
+        driver path is ruled out (listeners, logging: see ``DriverPath.pool``)."""
         path = self.path
         pool = path.pool()
-        if pool is None:  # pool listeners (leak detection) or logging: the proxied way
-            row, cursor = self._fetch_proxied(params)
-        else:
-            cursor = path._run(pool, self.sql, params, self.sql, params)
-            row = cursor.fetchone()
+        if pool is None:
+            raise NotHandled
+        for name, proc in self.bind_processors:
+            params[name] = proc(params[name])
+        cursor = path._run(pool, self.sql, params, self.sql, params)
+        row = cursor.fetchone()
         if row is None:
             return None
         processors = self.result_processors
@@ -386,42 +385,6 @@ class _FastGet:
             processors = _result_processors(self.columns, cursor.description or (), self.dialect)
             self.result_processors = processors
         return _processed((row,), processors)[0] if processors else row
-
-    def _fetch_proxied(self, params: dict[str, Any]) -> tuple[Sequence[Any] | None, Any]:
-        pooled = self.db._checkout_driver(self.engine)
-        try:
-            driver = pooled.driver_connection
-            assert driver is not None
-            driver.autocommit = True
-            try:
-                return self._run(pooled, driver, params)
-            finally:
-                try:
-                    driver.autocommit = False
-                except psycopg.Error:  # never pool a half-configured connection
-                    if pooled.dbapi_connection is not None:  # not invalidated already
-                        pooled.invalidate()
-        finally:
-            pooled.close()
-
-    def _run(
-        self, pooled: PoolProxiedConnection, driver: Any, params: dict[str, Any]
-    ) -> tuple[Sequence[Any] | None, Any]:
-        observer = self.observer
-        started = time.perf_counter()
-        try:
-            cursor = driver.execute(self.sql, params)
-            row = cursor.fetchone()
-        except psycopg.Error as error:
-            wrapped = _driver_error(pooled, self.dialect, error, self.sql, params)
-            if observer is not None:
-                observer.observe(
-                    time.perf_counter() - started, wrapped, self.sql, (params,), self.dialect
-                )
-            raise wrapped from error
-        if observer is not None:
-            observer.observe(time.perf_counter() - started, None, self.sql, (params,), self.dialect)
-        return row, cursor
 
 
 _cursor_names = itertools.count(1)
