@@ -279,8 +279,9 @@ class Database:
             path = self._driver = DriverPath(engine, self._observer, self._checkout_error)
         return path
 
-    def _checkout(self) -> DbkitConnection:
-        """A pooled connection (SQLAlchemy ``Connection``)."""
+    def checkout(self) -> DbkitConnection:
+        """A pooled SQLAlchemy ``Connection`` outside any block, checkout failures raised
+        as dbkit's ``PoolTimeoutError`` / ``ConnectError``; ``close()`` returns it."""
         try:
             conn = self.engine.connect()
         except (sa_exc.TimeoutError, sa_exc.DBAPIError) as error:
@@ -310,7 +311,7 @@ class Database:
             return self._driver_path().rows(stmt, params)
         except NotHandled:  # nothing was sent: SQLAlchemy's own path
             pass
-        with self._autocommit() as conn:
+        with self.autocommit() as conn:
             result = conn.execute(stmt, params)
             return result.freeze()() if result.returns_rows else result
 
@@ -323,16 +324,16 @@ class Database:
             return self._driver_path().scalar(stmt, params)
         except NotHandled:  # nothing was sent: SQLAlchemy's own path
             pass
-        with self._autocommit() as conn:
+        with self.autocommit() as conn:
             return conn.scalar(stmt, params)
 
     @contextlib.contextmanager
-    def _autocommit(self) -> Iterator[DbkitConnection]:
+    def autocommit(self) -> Iterator[DbkitConnection]:
         """A pooled connection in autocommit for one statement.  The driver flag is set
         directly: SQLAlchemy's isolation_level option would also reset the isolation level
         and read-only mode on return, several driver calls per statement for nothing.  It
         is left set: the pool turns it off when SQLAlchemy checks the connection out."""
-        conn = self._checkout()
+        conn = self.checkout()
         try:
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
@@ -406,6 +407,12 @@ class Database:
     def in_transaction(self) -> bool:
         return self._transactions.in_transaction()
 
+    @property
+    def transactions(self) -> TransactionManager:
+        """This Database's per-thread transaction state: for integrations such as
+        ``dbkit.testing``, which adopts a connection as a test's outer transaction."""
+        return self._transactions
+
     def connection(self) -> DbkitConnection | None:
         """This thread's ambient connection (inside a block), else None."""
         return self._transactions.connection()
@@ -431,7 +438,7 @@ class Database:
         started = time.perf_counter()
         error: str | None = None
         try:
-            with self._checkout() as conn:
+            with self.checkout() as conn:
                 conn.exec_driver_sql("SELECT 1")
         except Exception as exc:
             error = f"{type(exc).__name__}: {_reason(exc)}"

@@ -276,7 +276,7 @@ def dbkit_db(dbkit_database: Database) -> Iterator[Database]:
     transaction left aborted by a failed statement, so the next test starts clean.
     """
     db = dbkit_database
-    manager = db._transactions
+    manager = db.transactions
     if manager.in_transaction():
         pytest.fail(
             "dbkit_db: a transaction is already open on this Database in this thread (a "
@@ -284,7 +284,7 @@ def dbkit_db(dbkit_database: Database) -> Iterator[Database]:
             "outermost transaction",
             pytrace=False,
         )
-    conn = db._checkout()
+    conn = db.checkout()
     left_open = 0
     try:
         root = conn.begin()
@@ -337,7 +337,7 @@ def capture_on_commit_callbacks(
     order, then those that the callbacks themselves queued, until none is left.  A failing
     callback propagates (``robust=True`` ones are logged, as after a real commit).
     """
-    manager = db._transactions
+    manager = db.transactions
     if not manager.in_test_transaction():
         raise TransactionError(
             "capture_on_commit_callbacks() works inside the test transaction of the dbkit_db "

@@ -530,7 +530,7 @@ class TransactionManager:
         return conn
 
     def _begin(self, state: _State, tx: Transaction) -> tuple[DbkitConnection, RootTransaction]:
-        conn = self._db._checkout()
+        conn = self._db.checkout()
         assert isinstance(conn, DbkitConnection)
         try:
             driver = conn.connection.driver_connection

@@ -807,7 +807,7 @@ class Repository(Generic[T]):
         if ambient is not None:
             yield ambient
         else:
-            with self._db._autocommit() as conn:
+            with self._db.autocommit() as conn:
                 yield conn
 
     def _writing(self, *, single: bool) -> contextlib.AbstractContextManager[DbkitConnection]:
@@ -868,7 +868,7 @@ class Repository(Generic[T]):
             return
         # A private connection, not the thread's ambient transaction: two streams can be
         # interleaved, and writes made while iterating do not join the stream's snapshot.
-        conn = self._db._checkout()
+        conn = self._db.checkout()
         try:
             transaction = conn.begin()
             try:
