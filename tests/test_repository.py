@@ -222,18 +222,46 @@ def test_get_survives_a_reconnect_and_killed_pooled_connections(
     schema.close()
     schema.connect()  # a new engine and pool
     assert repo.get(stored.id) == stored
-    # The server ends every pooled session: at worst one get fails (and its connection is
-    # discarded); the next one works on a fresh connection.
+    # Fill the pool with three idle connections (held at once, so they are distinct).
+    pids: set[int] = set()
+    together = threading.Barrier(3)
+
+    def hold() -> None:
+        with schema.transaction() as conn:
+            pids.add(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+            together.wait(timeout=30)
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    stats = schema.stats()
+    assert len(pids) == 3 and stats.idle == stats.open_connections == 3
+    # The server ends every pooled session, and each backend has exited before we go on.
+    # Like a restart (test_pool.py), this must be invisible: no get may fail, not even the
+    # first one on a dead connection.
     with psycopg.connect(db_url.replace("postgresql+psycopg", "postgresql")) as killer:
         killed = killer.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()
-    assert killed is not None and killed[0] >= 1
-    with contextlib.suppress(sa_exc.DBAPIError):
-        repo.get(stored.id)
-    assert repo.get(stored.id) == stored
-    assert schema.stats().in_use == 0
+            "SELECT pid, pg_terminate_backend(pid, 5000) FROM unnest(%s::int[]) AS pid",
+            (sorted(pids),),
+        ).fetchall()
+    assert sorted(killed) == [(pid, True) for pid in sorted(pids)]
+    for _ in range(3):
+        assert repo.get(stored.id) == stored
+    # The pool may hand the same (replaced) connection back each time: keep two others
+    # checked out so that a get has to take the last of the three dead ones too.
+    with contextlib.ExitStack() as held:
+        for _ in range(2):
+            conn = held.enter_context(schema.engine.connect())
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() not in pids
+        assert repo.get(stored.id) == stored
+    with schema.transaction() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() not in pids
+    stats = schema.stats()
+    assert stats.invalidated >= 3  # every dead connection was found and replaced, unseen
+    assert stats.in_use == 0
 
 
 def test_statement_listeners_see_the_driver_level_paths(schema: Database, repo: Accounts) -> None:
