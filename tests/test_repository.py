@@ -2,7 +2,7 @@
 ordering, keyset pages, streaming, ambient transactions, error translation, input safety.
 
 Hooks (timestamps, soft delete, versions) are in test_repository_hooks.py; bulk paths
-(add_many at scale, insert_many, bulk_load, upsert_many, 200k-row stream) in
+(add_many at scale, insert_many, bulk_load, upsert_many, a stream's peak memory) in
 test_repository_bulk.py.
 """
 

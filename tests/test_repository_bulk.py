@@ -1,15 +1,19 @@
 """Repository bulk paths at scale: add_many order, insert_many, bulk_load (COPY),
-upsert_many (de-duplication, 50k rows, two concurrent writers) and 200k-row streaming with
-memory measured."""
+upsert_many (de-duplication, 50k rows, two concurrent writers) and streaming with its
+peak memory measured in a child process."""
 
 from __future__ import annotations
 
 import gc
+import json
 import random
+import subprocess
+import sys
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -390,31 +394,53 @@ def _peak(work: Callable[[], Any]) -> tuple[int, Any]:
     return peak, result
 
 
-def test_streaming_200k_rows_stays_in_bounded_memory(schema: Database, repo: People) -> None:
-    n = 200_000
-    loaded = repo.bulk_load(
-        ((f"s{i}@x.org", f"name {i}", i) for i in range(n)), columns=["email", "name", "score"]
+# A bound that the stream must stay under and that a client-side cursor over the same rows
+# must exceed, both by a wide margin: ~60 MiB of rows against 1,000 rows (~1 MiB) a fetch.
+STREAM_ROWS = 60_000
+ROW_BYTES = 1024
+STREAM_BOUND_MIB = 16
+
+
+def _probe_rss(db_url: str, mode: str) -> dict[str, int]:
+    """Peak-RSS growth of a fresh child process reading the payloads table (see
+    stream_rss_probe.py): tracemalloc would not see libpq's buffers."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("stream_rss_probe.py")), db_url, mode],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
-    assert loaded == n
+    assert done.returncode == 0, done.stderr
+    report: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
 
-    def materialize() -> int:
-        return len(repo.list())
 
-    def stream() -> int:
-        count = 0
-        for person in repo.stream(batch_size=1000):
-            count += person.score is not None
-        return count
-
-    list_peak, listed = _peak(materialize)
-    stream_peak, streamed = _peak(stream)
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM"
+)
+def test_streaming_stays_in_bounded_memory_where_a_client_cursor_does_not(
+    schema: Database, db_url: str
+) -> None:
+    schema.execute(
+        "CREATE TABLE payloads (id int PRIMARY KEY, body text NOT NULL);"
+        # ~1 KiB of text a row, made on the server (nothing to send).
+        f"INSERT INTO payloads SELECT g, repeat(md5(g::text), {ROW_BYTES // 32}) "
+        f"FROM generate_series(1, {STREAM_ROWS}) AS g"
+    )
+    assert schema.scalar("SELECT count(*) FROM payloads") == STREAM_ROWS
+    streamed = _probe_rss(db_url, "stream")
+    client = _probe_rss(db_url, "client")
     print(
-        f"\n200k rows: list() peak {list_peak / 2**20:.1f} MiB, "
-        f"stream(batch_size=1000) peak {stream_peak / 2**20:.1f} MiB"
+        f"\n{STREAM_ROWS:,} rows of {ROW_BYTES} bytes: peak RSS growth "
+        f"stream(batch_size=1000) {streamed['peak_growth_kib'] / 1024:.1f} MiB, "
+        f"client-side cursor {client['peak_growth_kib'] / 1024:.1f} MiB"
     )
-    assert listed == streamed == n
-    assert stream_peak < list_peak / 5
-    assert schema.stats().in_use == 0
+    assert streamed["rows"] == client["rows"] == STREAM_ROWS
+    assert streamed["in_use_after"] == client["in_use_after"] == 0
+    assert streamed["peak_growth_kib"] < STREAM_BOUND_MIB * 1024
+    # The companion: the same rows through a client-side cursor break the bound, twice over;
+    # were they not to, the bound above would prove nothing.
+    assert client["peak_growth_kib"] > 2 * STREAM_BOUND_MIB * 1024
 
 
 def test_bulk_load_of_a_generator_is_not_materialized(repo: People) -> None:
