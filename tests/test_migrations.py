@@ -400,6 +400,23 @@ def test_concurrent_upgrades_queue_on_the_advisory_lock(db_url: str) -> None:
     assert moves == [f"{HEAD} -> {HEAD}", f"{HEAD} -> {HEAD}", f"base -> {HEAD}"]
 
 
+def _migration_state(url: str) -> tuple[list[str], set[str]]:
+    """(alembic_version rows, dbkit's tables present) of one database, read on a connection
+    of its own."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            present = set(sa.inspect(conn).get_table_names())
+            versions = (
+                list(conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars())
+                if "alembic_version" in present
+                else []
+            )
+    finally:
+        engine.dispose()
+    return versions, present & TABLES
+
+
 def test_threads_migrating_different_databases_take_turns(db_url: str, db: Database) -> None:
     """Alembic's context is process-global: dbkit.migrate runs one command at a time."""
     url = sa.make_url(db_url)
@@ -407,12 +424,14 @@ def test_threads_migrating_different_databases_take_turns(db_url: str, db: Datab
     db.execute(f'CREATE DATABASE "{side}"')
     other = url.set(database=side).render_as_string(hide_password=False)
     errors: list[BaseException] = []
+    upgraded: dict[str, tuple[list[str], set[str]]] = {}
     barrier = threading.Barrier(2)
 
     def run_one(target: str) -> None:
         try:
-            barrier.wait()
+            barrier.wait(timeout=30)
             migrate.upgrade(target)
+            upgraded[target] = _migration_state(target)
             migrate.downgrade(target, "base")
         except BaseException as exc:
             errors.append(exc)
@@ -422,7 +441,12 @@ def test_threads_migrating_different_databases_take_turns(db_url: str, db: Datab
         thread.start()
     try:
         for thread in threads:
-            thread.join(60)
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in threads), "a migration never finished"
+        assert errors == []
+        # Each database was at head with every table in between, and is back at base now.
+        assert upgraded == {db_url: ([HEAD], TABLES), other: ([HEAD], TABLES)}
+        assert _migration_state(db_url) == ([], set())
+        assert _migration_state(other) == ([], set())
     finally:
         db.execute(f'DROP DATABASE "{side}" WITH (FORCE)')
-    assert errors == []
