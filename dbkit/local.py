@@ -28,12 +28,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-import psycopg
 from loguru import logger
-from psycopg import sql
-from psycopg.rows import TupleRow
 from sqlalchemy.engine import URL
 
+from dbkit.admin import create_database, drop_database
 from dbkit.errors import DbkitError
 
 __all__ = [
@@ -739,46 +737,13 @@ class LocalPostgres:
         self._chown(dest, user)
         return dest
 
-    @contextlib.contextmanager
-    def _admin(self) -> Iterator[psycopg.Connection[TupleRow]]:
-        with psycopg.connect(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=self.password,
-            dbname=self.maintenance_dbname,
-            autocommit=True,
-            connect_timeout=10,
-        ) as conn:
-            yield conn
-
     def create_database(self, name: str, template: str | None = None) -> None:
         """CREATE DATABASE, optionally from a template (whose sessions are ended first)."""
-        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-        with self._admin() as conn:
-            if template:
-                # CREATE DATABASE … TEMPLATE fails while anyone is connected to the template.
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (template,),
-                )
-                query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-            conn.execute(query)
+        create_database(self.url_for(self.maintenance_dbname), name, template=template)
 
     def drop_database(self, name: str) -> None:
         """DROP DATABASE IF EXISTS, disconnecting its sessions."""
-        with self._admin() as conn:
-            if conn.info.server_version >= 130000:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-                return
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (name,),
-            )
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        drop_database(self.url_for(self.maintenance_dbname), name)
 
 
 def _getpwnam(name: str) -> pwd.struct_passwd:

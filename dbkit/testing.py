@@ -70,11 +70,12 @@ except ImportError as error:  # pragma: no cover - only without the test extra
         "dbkit.testing is a pytest plugin: install pytest (pip install 'dbkit[test]')"
     ) from error
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import NullPool
 
+from dbkit.admin import create_database, drop_database
 from dbkit.database import Database
 from dbkit.errors import TransactionError
 from dbkit.transaction import run_on_commit_callback
@@ -132,16 +133,6 @@ def _psycopg_url(raw: str) -> URL:
     return url.set(drivername="postgresql+psycopg")
 
 
-def _admin_execute(admin_url: URL, sql: str) -> None:
-    """Run one statement in autocommit (CREATE/DROP DATABASE refuse transactions)."""
-    engine = sa.create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(sql)
-    finally:
-        engine.dispose()
-
-
 @contextlib.contextmanager
 def _scratch_database(admin_url: URL, origin: str) -> Iterator[str]:
     """A new empty database on ``admin_url``'s server, dropped (sessions and all) at exit.
@@ -149,13 +140,12 @@ def _scratch_database(admin_url: URL, origin: str) -> Iterator[str]:
     A random name lets parallel runs (pytest-xdist workers, CI jobs) share one server.
     """
     name = f"{_DB_PREFIX}{secrets.token_hex(6)}"
-    quoted = f'"{name}"'  # hex: nothing to escape
     where = admin_url.render_as_string(hide_password=True)
     problem = None
     try:
-        _admin_execute(admin_url, f"CREATE DATABASE {quoted}")
-    except sa_exc.DBAPIError as error:
-        problem = str(error.orig if error.orig is not None else error).strip()
+        create_database(admin_url, name)
+    except psycopg.Error as error:
+        problem = str(error).strip()
     if problem is not None:  # failed outside the except: no chained driver traceback
         pytest.fail(
             f"dbkit.testing: cannot create a test database on {where} ({origin}): "
@@ -166,12 +156,12 @@ def _scratch_database(admin_url: URL, origin: str) -> Iterator[str]:
         yield admin_url.set(database=name).render_as_string(hide_password=False)
     finally:
         try:
-            # WITH (FORCE), PostgreSQL 13+, ends sessions still connected (e.g. a leaked pool).
-            _admin_execute(admin_url, f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
-        except sa_exc.DBAPIError as error:
+            # Ends sessions still connected (e.g. a leaked pool) first.
+            drop_database(admin_url, name)
+        except psycopg.Error as error:
             warnings.warn(
                 f"dbkit.testing: could not drop the test database {name!r} on {where}: "
-                f"{error.orig or error}; drop it by hand",
+                f"{error}; drop it by hand",
                 stacklevel=1,
             )
 
