@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -341,32 +342,80 @@ def test_concurrent_upserts_on_the_same_keys_serialize_cleanly(
 ) -> None:
     """Two writers upsert the same 3,000 keys (in opposite input orders; unnest: several
     chunks each) at once: no deadlock, no error, no duplicate; each round ends with one
-    writer's rows."""
+    writer's rows.
+
+    That they really overlap is proven on the server: both run in transactions that are
+    open at the same time, and the writer whose upsert_many returns first keeps its
+    transaction (and so every row lock) open until PostgreSQL shows the other writer
+    waiting for it; only then does it commit."""
     repo = Scores(schema)
     keys = [(f"p{i % 300}", i // 300) for i in range(3000)]
     for round_ in range(3):
-        errors = _race(
-            lambda name, order, n=round_: repo.upsert_many(
-                [{"player": p, "game": g, "points": n, "writer": name} for p, g in order],
-                chunk_size=700,
-            ),
-            [("A", keys), ("B", keys[::-1])],
-        )
+        errors, waits = _overlapping_upserts(schema, repo, keys, round_)
         assert errors == []
+        assert len(waits) == 1, "the writers did not overlap: neither waited for the other"
         rows = repo.list()
         assert len(rows) == 3000
         assert {r["points"] for r in rows} == {round_}
-        assert len({r["writer"] for r in rows}) == 1, "rows of both writers survived"
+        # The writer that waited wrote last: its rows are the ones left.
+        assert {r["writer"] for r in rows} == {waits[0][0]}, "rows of both writers survived"
+
+
+def _overlapping_upserts(
+    schema: Database, repo: Scores, keys: list[tuple[str, int]], points: int
+) -> tuple[list[BaseException], list[tuple[str, str]]]:
+    """Writers A (keys in order) and B (reversed) upsert at once, each in a transaction
+    block; the first to be done holds its block open until B/A waits for it.  Returns the
+    errors and the waits seen: (writer that waited, writer it waited for)."""
+    pids: dict[str, int] = {}
+    finished: list[str] = []
+    waits: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    inside = threading.Barrier(2)
+
+    def write(name: str, order: list[tuple[str, int]]) -> None:
+        other = "B" if name == "A" else "A"
+        with schema.transaction() as conn:
+            pids[name] = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            inside.wait(timeout=60)  # both transactions are open now
+            repo.upsert_many(
+                [{"player": p, "game": g, "points": points, "writer": name} for p, g in order],
+                chunk_size=700,
+            )
+            with lock:
+                finished.append(name)
+                first = len(finished) == 1
+            if first and _blocked_by(conn, pids[other], pids[name], finished):
+                waits.append((other, name))
+
+    errors = _race(write, [("A", keys), ("B", keys[::-1])])
+    return errors, waits
+
+
+def _blocked_by(
+    conn: sa.Connection, waiting: int, holder: int, finished: list[str], patience: float = 60
+) -> bool:
+    """Poll (on the holder's own connection: pg_blocking_pids reads the live lock table)
+    until backend ``waiting`` waits for a lock ``holder`` holds.  False if that never
+    happens: the other writer finished meanwhile, or ``patience`` seconds passed."""
+    query = sa.text("SELECT CAST(:holder AS int) = ANY(pg_blocking_pids(:waiting))")
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and len(finished) < 2:
+        if conn.execute(query, {"holder": holder, "waiting": waiting}).scalar_one():
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def _race(work: Callable[..., Any], arguments: list[tuple[Any, ...]]) -> list[BaseException]:
-    """Run work(*args) for each args in its own thread, all released at once."""
+    """Run work(*args) for each args in its own thread, all released at once; the errors
+    they raised (a thread that never ends is one too)."""
     barrier = threading.Barrier(len(arguments))
     errors: list[BaseException] = []
 
     def run(*args: Any) -> None:
-        barrier.wait()
         try:
+            barrier.wait(timeout=60)
             work(*args)
         except BaseException as error:
             errors.append(error)
@@ -375,7 +424,8 @@ def _race(work: Callable[..., Any], arguments: list[tuple[Any, ...]]) -> list[Ba
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=180)
+    errors.extend(TimeoutError(f"{t.name} never finished") for t in threads if t.is_alive())
     return errors
 
 
