@@ -255,16 +255,16 @@ def _pid_alive(pid: int, data_dir: Path) -> bool:
     return os.path.realpath(cwd) == os.path.realpath(data_dir)
 
 
-# Temp clusters made by this process, stopped and deleted at interpreter exit if the user
-# forgot.
-_LIVE: set[LocalPostgres] = set()
+# Temp clusters, each with the pid of the process that made it, stopped and deleted at
+# interpreter exit if the user forgot.
+_LIVE: dict[LocalPostgres, int] = {}
 
 
 @atexit.register
 def _stop_live_servers() -> None:
-    for server in list(_LIVE):
+    for server, owner in list(_LIVE.items()):
         # A forked child inherits _LIVE but must not stop its parent's servers.
-        if server._owner_pid == os.getpid():
+        if owner == os.getpid():
             with contextlib.suppress(Exception):
                 server.stop(mode="immediate")
 
@@ -320,7 +320,6 @@ class LocalPostgres:
         self._run_as_arg = run_as
         self._srv_user: pwd.struct_passwd | None = None
         self._temp_dir: Path | None = None  # the mkdtemp we own (temp clusters only)
-        self._owner_pid = os.getpid()
 
     # ---------------------------------------------------------------- properties
 
@@ -451,7 +450,7 @@ class LocalPostgres:
         if self._given_data_dir is None:
             if self._temp_dir is None or not self._temp_dir.exists():
                 self._temp_dir = Path(tempfile.mkdtemp(prefix="dbkit-pg-", dir=_temp_base(user)))
-                _LIVE.add(self)  # from now on, interpreter exit cleans up what we made
+                _LIVE[self] = os.getpid()  # from now on, interpreter exit cleans up
                 self._chown(self._temp_dir, user)  # mkdtemp is 0700: hand it to the server user
         else:
             data = self._given_data_dir
@@ -649,7 +648,7 @@ class LocalPostgres:
         if self._has_cluster() and self.is_running():
             logger.debug("stopping PostgreSQL in {} ({})", self.data_dir, mode)
             self._pg_ctl_stop(mode, self._server_user())
-        _LIVE.discard(self)
+        _LIVE.pop(self, None)
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None

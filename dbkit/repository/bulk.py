@@ -18,7 +18,7 @@ from sqlalchemy.engine import Dialect
 
 if TYPE_CHECKING:
     from dbkit.repository.base import Repository
-    from dbkit.repository.plan import _Plan
+    from dbkit.repository.plan import Plan
     from dbkit.transaction import DbkitConnection
 
 # Rows per unnest() statement in upsert_many: large enough that per-statement costs vanish,
@@ -41,7 +41,7 @@ def _none_first(item: tuple[tuple[Any, ...], Any]) -> tuple[tuple[bool, Any], ..
     return tuple((v is not None, v) for v in item[0])
 
 
-def _sort_by_key(items: builtins.list[tuple[tuple[Any, ...], Any]]) -> None:
+def sort_by_key(items: builtins.list[tuple[tuple[Any, ...], Any]]) -> None:
     """Sort (key, row) pairs by key, the order in which upserts take their row locks.
     A None in a key (which never conflicts) sorts first; keys that do not compare at all
     (mixed types) keep their input order."""
@@ -52,14 +52,14 @@ def _sort_by_key(items: builtins.list[tuple[tuple[Any, ...], Any]]) -> None:
             items.sort(key=_none_first)
 
 
-class _UpsertStep:
+class UpsertStep:
     single = False  # one statement, atomic on its own (no transaction needed)
 
     def run(self, conn: DbkitConnection) -> None:
         raise NotImplementedError
 
 
-class _Statement(_UpsertStep):
+class UpsertStatement(UpsertStep):
     single = True
 
     def __init__(self, stmt: sa.Executable, params: Mapping[str, Any]) -> None:
@@ -70,7 +70,7 @@ class _Statement(_UpsertStep):
         conn.execute(self.stmt, self.params)
 
 
-class _CopyUpsert(_UpsertStep):
+class CopyUpsert(UpsertStep):
     """COPY the rows into a temporary table shaped like the target's columns, merge them
     with one ``INSERT … SELECT … ON CONFLICT``, drop the table."""
 
@@ -98,7 +98,7 @@ class _CopyUpsert(_UpsertStep):
             f"{', '.join(map(quote, names))} FROM "
             f"{conn.dialect.identifier_preparer.format_table(table)} WITH NO DATA"
         )
-        copy = _CopyPlan(repo._plan, self.rows[0], self.columns, stamp=False)
+        copy = CopyPlan(repo._plan, self.rows[0], self.columns, stamp=False)
         copy.run(conn, self.rows, into=temp)
         source = sa.table(
             temp, *(sa.column(table.c[c].name, table.c[c].type) for c in self.columns)
@@ -107,10 +107,10 @@ class _CopyUpsert(_UpsertStep):
         conn.exec_driver_sql(f"DROP TABLE {quote(temp)}")
 
 
-_END: Any = object()
+END: Any = object()
 
 
-def _getter(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
+def tuple_getter(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
     """``itemgetter`` that always returns a tuple, even for one name."""
     if len(names) == 1:
         (name,) = names
@@ -118,7 +118,7 @@ def _getter(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
     return cast(Callable[[Any], tuple[Any, ...]], operator.itemgetter(*names))
 
 
-def _require(values: Mapping[str, Any], keys: Sequence[str], table: str) -> None:
+def require_keys(values: Mapping[str, Any], keys: Sequence[str], table: str) -> None:
     missing = [k for k in keys if k not in values]
     if missing:
         raise ValueError(
@@ -127,12 +127,12 @@ def _require(values: Mapping[str, Any], keys: Sequence[str], table: str) -> None
         )
 
 
-class _CopyPlan:
+class CopyPlan:
     """How rows become COPY tuples: which columns, and the cheapest conversion that gets
     there (tuples that already fit pass through untouched)."""
 
     def __init__(
-        self, plan: _Plan, first: Any, columns: Sequence[str] | None, *, stamp: bool = True
+        self, plan: Plan, first: Any, columns: Sequence[str] | None, *, stamp: bool = True
     ) -> None:
         self.plan = plan
         if isinstance(columns, str):
@@ -215,7 +215,7 @@ class _CopyPlan:
         given, data = self.given, self.data
         kind = self.kind
         if kind == "mapping":
-            pick: Callable[[Any], Sequence[Any]] = _getter(data)
+            pick: Callable[[Any], Sequence[Any]] = tuple_getter(data)
             width = len(given)
 
             def from_mapping(row: Any) -> Sequence[Any]:
@@ -301,3 +301,14 @@ class _CopyPlan:
 
 def _mixed_rows(row: Any, expected: str) -> str:
     return f"bulk_load rows must all be {expected}, got a {type(row).__name__}"
+
+
+# The names dbkit.repository.base imported before these were public.
+_END = END
+_CopyPlan = CopyPlan
+_CopyUpsert = CopyUpsert
+_getter = tuple_getter
+_require = require_keys
+_sort_by_key = sort_by_key
+_Statement = UpsertStatement
+_UpsertStep = UpsertStep

@@ -31,7 +31,7 @@ class Page(Generic[T]):
         return self.next_after is not None
 
 
-def _descending(expr: sa.ColumnElement[Any]) -> tuple[sa.ColumnElement[Any], bool] | None:
+def descending(expr: sa.ColumnElement[Any]) -> tuple[sa.ColumnElement[Any], bool] | None:
     """(column, descending) for ``col``, ``col.asc()``, ``col.desc()``; else None."""
     if isinstance(expr, sa.UnaryExpression) and expr.modifier in (
         operators.asc_op,
@@ -43,7 +43,7 @@ def _descending(expr: sa.ColumnElement[Any]) -> tuple[sa.ColumnElement[Any], boo
     return expr, False
 
 
-def _keys_of(order_by: OrderBy) -> builtins.list[OrderKey]:
+def keys_of(order_by: OrderBy) -> builtins.list[OrderKey]:
     if order_by is None:
         return []
     if isinstance(order_by, (str, sa.ColumnElement)):
@@ -51,7 +51,7 @@ def _keys_of(order_by: OrderBy) -> builtins.list[OrderKey]:
     return builtins.list(order_by)
 
 
-def _after_clause(
+def after_clause(
     keys: Sequence[tuple[sa.Column[Any], bool]], values: Sequence[Any]
 ) -> sa.ColumnElement[bool]:
     """Rows strictly after ``values`` in the order of ``keys``.  All keys in one direction:
@@ -74,3 +74,9 @@ def _after_clause(
         equal = [k == v for (k, _), v in zip(keys[:i], values[:i], strict=True)]
         alternatives.append(sa.and_(*equal, col < value if desc else col > value))
     return sa.or_(*alternatives)
+
+
+# The names dbkit.repository.base imported before these were public.
+_descending = descending
+_keys_of = keys_of
+_after_clause = after_clause

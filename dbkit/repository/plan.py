@@ -71,7 +71,7 @@ def _row_makers(
     return by_keyword, lambda rows: map(by_keyword, rows)
 
 
-class _Plan:
+class Plan:
     """What a repository class knows about its table, worked out once per class: the
     columns to read, the hooks' columns and values, the statements that never change."""
 
@@ -237,3 +237,7 @@ class _Plan:
                 current_keys = keys
             current.append(values)
         return groups
+
+
+# The name dbkit.repository.base and .fastpath imported before it was public.
+_Plan = Plan
