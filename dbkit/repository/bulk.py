@@ -180,12 +180,8 @@ class CopyPlan:
             with driver.cursor() as cursor:
                 with cursor.copy(statement) as copy:
                     write = copy.write_row
-                    if convert is None:
-                        for row in rows:
-                            write(row)
-                    else:
-                        for row in rows:
-                            write(convert(row))
+                    for row in rows:
+                        write(convert(row))
                 return int(cursor.rowcount)
         except BaseException as exc:
             error = exc
@@ -210,7 +206,7 @@ class CopyPlan:
 
     def _converter(
         self, stamps: tuple[Any, ...], dialect: Dialect
-    ) -> Callable[[Any], Sequence[Any]] | None:
+    ) -> Callable[[Any], Sequence[Any]]:
         plan = self.plan
         given, data = self.given, self.data
         kind = self.kind
@@ -231,7 +227,7 @@ class CopyPlan:
                 except TypeError:
                     raise ValueError(_mixed_rows(row, "mappings")) from None
 
-            convert: Callable[[Any], Sequence[Any]] | None = from_mapping
+            convert: Callable[[Any], Sequence[Any]] = from_mapping
         elif kind == "sequence":
             width = len(given)
             keep = None if data == given else [given.index(c) for c in data]
@@ -269,7 +265,7 @@ class CopyPlan:
             if (proc := plan.table.c[name].type.dialect_impl(dialect).bind_processor(dialect))
         ]
         base = convert
-        if base is not None and processors:
+        if processors:
 
             def processed(row: Any) -> Sequence[Any]:
                 values = builtins.list(base(row))
@@ -278,7 +274,7 @@ class CopyPlan:
                 return values
 
             convert = processed
-        if stamps and convert is not None:
+        if stamps:
             inner = convert
 
             def stamped(row: Any) -> Sequence[Any]:
