@@ -28,10 +28,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+import psycopg
 from loguru import logger
+from psycopg.rows import TupleRow
 from sqlalchemy.engine import URL
 
-from dbkit.admin import create_database, drop_database
+from dbkit.admin import admin_connection, create_database, drop_database
 from dbkit.errors import DbkitError
 
 __all__ = [
@@ -735,6 +737,14 @@ class LocalPostgres:
         os.chmod(dest, mode)
         self._chown(dest, user)
         return dest
+
+    def admin_connection(self) -> psycopg.Connection[TupleRow]:
+        """An autocommit psycopg connection to the maintenance database (``postgres``), as
+        the server's superuser: ``with server.admin_connection() as conn: ...``."""
+        return admin_connection(self.url_for(self.maintenance_dbname))
+
+    # The name tests/test_tls.py used before admin_connection() was public.
+    _admin = admin_connection
 
     def create_database(self, name: str, template: str | None = None) -> None:
         """CREATE DATABASE, optionally from a template (whose sessions are ended first)."""
