@@ -6,8 +6,9 @@ The slow-query log shows the statement and its timing but never its parameter va
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from loguru import logger
 from sqlalchemy.engine import Dialect
@@ -20,6 +21,10 @@ __all__ = ["StatementListener", "StatementObserver"]
 # listener(seconds, error or None, sql_text()) after each statement; sql_text() renders the
 # statement (never its parameter values) only if the listener asks for it.
 StatementListener = Callable[[float, BaseException | None, Callable[[], str]], None]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_clock = time.perf_counter
 
 
 def _error_class(error: BaseException) -> str:
@@ -50,6 +55,32 @@ class StatementObserver:
         self.log_slow_query_parameters = log_slow_query_parameters
         # Extra observers (e.g. dbkit.otel's tracer); none by default, so they cost nothing.
         self.listeners: list[StatementListener] = []
+
+    def run(
+        self,
+        fn: Callable[P, R],
+        statement: Any,
+        parameters: Any,
+        dialect: Dialect,
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """``fn(*args, **kwargs)``, timed and observed as one run of ``statement``: its
+        result returned, or its exception observed and re-raised.  Only ``Exception``s count
+        as a failed statement; a ``KeyboardInterrupt`` or the like propagates unobserved.
+
+        The timing pattern of every caller in one place, kept cheap (no context manager, no
+        closure): ``observer.run(method, statement, params, dialect, statement, params)``.
+        """
+        started = _clock()
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as error:
+            self.observe(_clock() - started, error, statement, parameters, dialect)
+            raise
+        self.observe(_clock() - started, None, statement, parameters, dialect)
+        return result
 
     def observe(
         self,

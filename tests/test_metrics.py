@@ -8,8 +8,11 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 from loguru import logger
+from sqlalchemy.dialects import postgresql
 
 from dbkit import Database, PostgresConfig
+from dbkit.metrics import StatementObserver
+from dbkit.stats import QueryCounters
 
 SERIALIZATION_FAILURE = "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$"
 
@@ -97,3 +100,29 @@ def test_leak_detection_reports_where_a_held_connection_was_taken(
     reports = [m for m in logs if "checked out for" in m]
     assert len(reports) == 1
     assert "hold_connection_too_long" in reports[0] and "test_metrics.py" in reports[0]
+
+
+def test_observer_run_times_and_observes_one_call() -> None:
+    observer = StatementObserver(QueryCounters())
+    seen: list[tuple[BaseException | None, str]] = []
+    observer.listeners.append(lambda seconds, error, text: seen.append((error, text())))
+    dialect = postgresql.dialect()
+
+    def call(a: int, *, b: int) -> int:
+        if a < 0:
+            raise ValueError("negative")
+        if a == 0:
+            raise KeyboardInterrupt
+        return a + b
+
+    assert observer.run(call, "SELECT 1", (), dialect, 1, b=2) == 3
+    with pytest.raises(ValueError, match="negative"):
+        observer.run(call, "SELECT 2", (), dialect, -1, b=0)
+    with pytest.raises(KeyboardInterrupt):  # not a statement error: not observed
+        observer.run(call, "SELECT 3", (), dialect, 0, b=0)
+    stats = observer.counters.snapshot()
+    assert (stats.statements, stats.errors, stats.errors_by_class) == (2, 1, {"ValueError": 1})
+    assert [(type(error), text) for error, text in seen] == [
+        (type(None), "SELECT 1"),
+        (ValueError, "SELECT 2"),
+    ]

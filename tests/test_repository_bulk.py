@@ -224,6 +224,25 @@ def test_bulk_load_is_all_or_nothing(schema: Database, repo: People) -> None:
     assert schema.stats().in_use == 0
 
 
+def test_bulk_load_is_observed_as_one_copy_statement(schema: Database, repo: People) -> None:
+    texts: list[tuple[str | None, str]] = []
+    schema.add_statement_listener(
+        lambda seconds, error, text: texts.append((error and type(error).__name__, text()))
+    )
+    before = schema.query_stats()
+    assert repo.bulk_load([("a@x.org", 1), ("b@x.org", 2)], columns=["email", "score"]) == 2
+    with pytest.raises(DuplicateKeyError):
+        repo.bulk_load([("a@x.org", 3)], columns=["email", "score"])
+    after = schema.query_stats()
+    assert after.statements - before.statements == 2
+    assert after.errors_by_class.get("23", 0) - before.errors_by_class.get("23", 0) == 1
+    copies = [(error, text) for error, text in texts if text.startswith("COPY")]
+    assert copies == [
+        (None, 'COPY "people" ("email", "score") FROM STDIN'),
+        ("UniqueViolation", 'COPY "people" ("email", "score") FROM STDIN'),
+    ]
+
+
 @pytest.mark.parametrize(
     ("rows", "columns", "message"),
     [

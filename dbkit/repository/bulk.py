@@ -8,15 +8,16 @@ import builtins
 import contextlib
 import itertools
 import operator
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import psycopg
 import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy.engine import Dialect
 
 if TYPE_CHECKING:
+    from dbkit.metrics import StatementObserver
     from dbkit.repository.base import Repository
     from dbkit.repository.plan import Plan
     from dbkit.transaction import DbkitConnection
@@ -173,24 +174,11 @@ class CopyPlan:
         target = pgsql.Identifier(*((into,) if into else filter(None, (table.schema, table.name))))
         names = pgsql.SQL(", ").join(pgsql.Identifier(table.c[c].name) for c in self.columns)
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(target, names)
-        observer = getattr(conn, "_dbkit_observer", None)
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            with driver.cursor() as cursor:
-                with cursor.copy(statement) as copy:
-                    write = copy.write_row
-                    for row in rows:
-                        write(convert(row))
-                return int(cursor.rowcount)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if observer is not None:
-                text = statement.as_string(driver)
-                seconds = time.perf_counter() - started
-                observer.observe(seconds, error, text, (), conn.dialect)
+        observer = conn.observer
+        if observer is None:
+            return _copy_rows(driver, statement, rows, convert)
+        text = statement.as_string(driver)
+        return observer.run(_copy_rows, text, (), conn.dialect, driver, statement, rows, convert)
 
     def _stamps(self, conn: DbkitConnection) -> tuple[Any, ...]:
         """The hook values for every row: the transaction's now() as each timestamp
@@ -293,6 +281,21 @@ class CopyPlan:
                 f"a row for {self.plan.name!r} has column(s) {', '.join(sorted(extra))} the "
                 "first row did not have; the columns come from the first row (or columns=)"
             )
+
+
+def _copy_rows(
+    driver: psycopg.Connection[Any],
+    statement: pgsql.Composed,
+    rows: Iterable[Any],
+    convert: Callable[[Any], Sequence[Any]],
+) -> int:
+    """Run the COPY, each row converted; how many rows it wrote."""
+    with driver.cursor() as cursor:
+        with cursor.copy(statement) as copy:
+            write = copy.write_row
+            for row in rows:
+                write(convert(row))
+        return int(cursor.rowcount)
 
 
 def _mixed_rows(row: Any, expected: str) -> str:
