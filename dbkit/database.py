@@ -20,26 +20,23 @@ from loguru import logger
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, Result
 
-from dbkit.engine import create_engine, pool_policy
+from dbkit.connection import DbkitConnection, connection_class
+from dbkit.engine import create_engine, fast_paths, pool_policy
 from dbkit.errors import (
     CircuitOpenError,
     ConnectError,
     DbkitError,
     PoolTimeoutError,
+    TransactionError,
     is_transient,
 )
+from dbkit.fastpath.sqlalchemy import Declined, DriverPath
 from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired
-from dbkit.repository.fastpath import DriverPath, NotHandled
 from dbkit.resilience import CircuitBreaker
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
-from dbkit.transaction import (
-    DbkitConnection,
-    Transaction,
-    TransactionManager,
-    install_transaction_events,
-)
+from dbkit.transaction import Transaction, TransactionManager, TransactionOptions
 
 if TYPE_CHECKING:
     from typing import Self
@@ -95,13 +92,14 @@ class Database:
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
         self._driver: DriverPath | None = None
+        self._connection_cls: type[DbkitConnection] = DbkitConnection
         self._counters = PoolCounters(config.max_open_conns)
         self.breaker = CircuitBreaker(
             config.breaker_failure_threshold,
             config.breaker_recovery_timeout,
             name=config.safe_dsn(),
         )
-        self._transactions = TransactionManager(self)
+        self._transactions = TransactionManager(self.checkout, self._queries)
         self._leaks = (
             LeakDetector(config.leak_detection_threshold)
             if config.leak_detection_threshold > 0
@@ -149,12 +147,17 @@ class Database:
                 if self._closed:
                     raise ConnectError(f"{self!r} is closed")
                 if self._engine is None:
-                    self._engine = create_engine(
+                    engine = create_engine(
                         self._config, self._counters, self.breaker, **self._engine_options
                     )
-                    install_transaction_events(self._engine, self._observer)
+                    fast = fast_paths(engine)
+                    self._connection_cls = connection_class(self._observer, fast)
+                    self._driver = (
+                        DriverPath(engine, self._observer, self._checkout_error) if fast else None
+                    )
                     if self._leaks is not None:
-                        self._leaks.install(self._engine)
+                        self._leaks.install(engine)
+                    self._engine = engine
                 engine = self._engine
         return engine
 
@@ -168,7 +171,8 @@ class Database:
 
         def attempt() -> None:
             self.connect_attempts += 1
-            with self.engine.connect() as conn:
+            engine = self.engine
+            with self._connection_cls(engine) as conn:  # observed, as every statement
                 conn.exec_driver_sql("SELECT 1")
 
         def log_retry(details: Any) -> None:
@@ -230,7 +234,7 @@ class Database:
             # Go's connectionCleaner runs every min(idle time, lifetime), at least 1 s apart;
             # leak checks run twice per threshold.
             floor = 0.05 if self._leaks is not None else 1.0
-            self._sweeper = _Sweeper(self, max(floor, min(periods)))
+            self._sweeper = _Sweeper(self, self._leaks, max(floor, min(periods)))
             self._sweeper.start()
 
     def close(self) -> None:
@@ -270,24 +274,21 @@ class Database:
             )
         return ConnectError(f"cannot connect to {self._config.safe_dsn()}: {_reason(error)}")
 
-    def _driver_path(self) -> DriverPath:
-        """The driver-level runner of statements outside a transaction (see
-        ``dbkit.repository.fastpath``), for the current engine."""
-        engine = self.engine
+    def driver_path(self) -> DriverPath | None:
+        """The fast runner of statements outside a transaction for the current engine
+        (``dbkit.fastpath.sqlalchemy``), or None when fast paths are off."""
+        engine = self.engine  # made on first use, together with its driver path
         path = self._driver
-        if path is None or path.engine is not engine:
-            path = self._driver = DriverPath(engine, self._observer, self._checkout_error)
-        return path
+        return path if path is not None and path.engine is engine else None
 
     def checkout(self) -> DbkitConnection:
         """A pooled SQLAlchemy ``Connection`` outside any block, checkout failures raised
         as dbkit's ``PoolTimeoutError`` / ``ConnectError``; ``close()`` returns it."""
+        engine = self.engine
         try:
-            conn = self.engine.connect()
+            return self._connection_cls(engine)  # what engine.connect() does
         except (sa_exc.TimeoutError, sa_exc.DBAPIError) as error:
             raise self._checkout_error(error) from error
-        assert isinstance(conn, DbkitConnection)
-        return conn
 
     def execute(
         self,
@@ -307,10 +308,12 @@ class Database:
             with self.transaction() as conn:
                 result = conn.execute(stmt, params)
                 return result.freeze()() if result.returns_rows else result
-        try:
-            return self._driver_path().rows(stmt, params)
-        except NotHandled:  # nothing was sent: SQLAlchemy's own path
-            pass
+        driver = self.driver_path()
+        if driver is not None:
+            try:
+                return driver.rows(stmt, params)
+            except Declined:  # nothing was sent: SQLAlchemy's own path
+                pass
         with self.autocommit() as conn:
             result = conn.execute(stmt, params)
             return result.freeze()() if result.returns_rows else result
@@ -320,10 +323,12 @@ class Database:
         ambient = self._transactions.connection()
         if ambient is not None:
             return ambient.scalar(stmt, params)
-        try:
-            return self._driver_path().scalar(stmt, params)
-        except NotHandled:  # nothing was sent: SQLAlchemy's own path
-            pass
+        driver = self.driver_path()
+        if driver is not None:
+            try:
+                return driver.scalar(stmt, params)
+            except Declined:  # nothing was sent: SQLAlchemy's own path
+                pass
         with self.autocommit() as conn:
             return conn.scalar(stmt, params)
 
@@ -376,15 +381,8 @@ class Database:
     ) -> Transaction | Callable[..., R]:
         """A transaction block: ``with db.transaction() as conn``, ``@db.transaction`` or
         ``@db.transaction(...)``.  Outermost → BEGIN/COMMIT; nested → SAVEPOINT."""
-        tx = Transaction(
-            self._transactions,
-            savepoint=savepoint,
-            durable=durable,
-            readonly=readonly,
-            isolation=isolation,
-            timeout=timeout,
-            retries=retries,
-        )
+        options = TransactionOptions(savepoint, durable, readonly, isolation, timeout)
+        tx = Transaction(self._transactions, options, retries)
         return tx if func is None else tx(func)
 
     def run_in_transaction(
@@ -392,8 +390,9 @@ class Database:
     ) -> R:
         """``func(conn)`` in an outermost transaction, re-run whole on serialization failure
         (40001), deadlock (40P01) or a connection lost before COMMIT."""
-        Transaction(self._transactions, **options)  # validate the options up front
-        return self._transactions.run(func, retries=retries, options=options)
+        if retries < 0:
+            raise TransactionError(f"retries must be >= 0, got {retries}")
+        return self._transactions.run(func, retries=retries, options=TransactionOptions(**options))
 
     def on_commit(self, func: Callable[[], Any], robust: bool = False) -> None:
         self._transactions.on_commit(func, robust)
@@ -463,9 +462,10 @@ class _Sweeper(threading.Thread):
     """Closes expired idle connections in the background (Go's connectionCleaner).  A
     daemon: it never keeps the process alive, and an error in it is logged, not raised."""
 
-    def __init__(self, db: Database, period: float) -> None:
+    def __init__(self, db: Database, leaks: LeakDetector | None, period: float) -> None:
         super().__init__(name="dbkit-pool-sweeper", daemon=True)
         self._db = db
+        self._leaks = leaks
         self._period = period
         self._stop_event = threading.Event()
 
@@ -473,8 +473,8 @@ class _Sweeper(threading.Thread):
         while not self._stop_event.wait(self._period):
             try:
                 self._db.evict_expired()
-                if self._db._leaks is not None:
-                    self._db._leaks.report()
+                if self._leaks is not None:
+                    self._leaks.report()
             except Exception as error:
                 logger.opt(exception=error).warning("pool sweep failed")
 

@@ -25,16 +25,18 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from psycopg import generators
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from dbkit.pool import DbkitQueuePool, PoolPolicy, install_pool_events
+from dbkit import fastpath
+from dbkit.fastpath.pool import FastQueuePool
+from dbkit.fastpath.psycopg import PgConnection
+from dbkit.pool import CountingQueuePool, PoolPolicy, install_pool_events
 from dbkit.resilience import CircuitBreaker
 from dbkit.settings import PostgresConfig
 from dbkit.stats import PoolCounters
 
-__all__ = ["DbkitPgConnection", "connect_args", "create_engine", "pool_policy"]
+__all__ = ["connect_args", "create_engine", "fast_paths", "pool_policy"]
 
 
 def _ms(seconds: float) -> int:
@@ -99,9 +101,10 @@ def create_engine(
     """
     if counters is None:
         counters = PoolCounters(config.max_open_conns)
+    fast = fastpath.enabled(config.fast_paths)
     pool_size, max_overflow = _pool_sizes(config)
     options: dict[str, Any] = {
-        "poolclass": DbkitQueuePool,
+        "poolclass": FastQueuePool if fast else CountingQueuePool,
         "pool_size": pool_size,
         "max_overflow": max_overflow,
         "pool_timeout": config.timeout,
@@ -113,107 +116,32 @@ def create_engine(
     }
     options.update(engine_options)
     engine = sa.create_engine(config.url(), **options)
-    if isinstance(engine.pool, DbkitQueuePool):
-        engine.pool.counters = counters
+    if isinstance(engine.pool, CountingQueuePool):
+        engine.pool.max_open = config.max_open_conns
     install_pool_events(engine, counters, pool_policy(config))
-    _install_connect(engine, breaker if breaker is not None and breaker.enabled else None)
+    _install_connect(engine, breaker if breaker is not None and breaker.enabled else None, fast)
+    _fast_engines[engine] = fast
     _forget_connections_after_fork(engine, counters)
     return engine
 
 
-class DbkitPgConnection(psycopg.Connection[Any]):
-    """psycopg's connection, able to have a transaction's ``BEGIN`` in flight.
-
-    ``send_begin()`` sends the BEGIN without waiting for its answer; the next operation on
-    the connection -- normally the transaction's first statement, once SQLAlchemy has done
-    its Python work for it -- collects that answer first (every psycopg operation goes
-    through ``wait()``).  The BEGIN's round trip then overlaps with that work instead of
-    being waited for, as psycopg's implicit BEGIN is, right before the statement.  The
-    server sees exactly what it saw before: BEGIN, then the statements; an error of the
-    BEGIN (or a connection lost meanwhile) is raised by that next operation, where the
-    implicit BEGIN would have raised it.
-    """
-
-    _dbkit_begin_sent = False
-
-    def send_begin(self, isolation: str | None = None, readonly: bool | None = None) -> bool:
-        """Send ``BEGIN [ISOLATION LEVEL …] [READ ONLY]``; False when it cannot be sent
-        (not idle, pipeline mode, a broken connection): psycopg then begins the usual way.
-        Options not given are psycopg's own (``isolation_level``, ``read_only``,
-        ``deferrable``), as in its implicit BEGIN."""
-        pgconn = self.pgconn
-        if (
-            self._dbkit_begin_sent
-            or self._pipeline is not None
-            or pgconn.transaction_status != _IDLE
-        ):
-            return False
-        command = _begin_command(self, isolation, readonly)
-        with self.lock:
-            try:
-                pgconn.send_query(command)
-                pgconn.flush()  # what is not flushed now is by the collecting wait()
-            except psycopg.Error:
-                return False
-            self._dbkit_begin_sent = True
-        return True
-
-    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._dbkit_begin_sent:
-            self._dbkit_begin_sent = False
-            self._collect_begin()
-        return super().wait(gen, *args, **kwargs)
-
-    def _collect_begin(self) -> None:
-        pgconn = self.pgconn
-        # Read what has arrived without waiting: the answer normally has, and then no
-        # poll() (nor a release of the GIL) is needed.
-        pgconn.consume_input()
-        results = super().wait(generators.execute(pgconn))
-        if len(results) == 1 and results[0].status == _COMMAND_OK:
-            return
-        for result in results:
-            if result.status == _FATAL_ERROR:
-                raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
-        raise psycopg.InterfaceError(f"unexpected answer to BEGIN: {results!r}")
+def fast_paths(engine: Engine) -> bool:
+    """Whether ``engine`` was built with dbkit's fast paths (``dbkit.fastpath``) on."""
+    return _fast_engines.get(engine, False)
 
 
-_IDLE = psycopg.pq.TransactionStatus.IDLE
-_COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
-_FATAL_ERROR = psycopg.pq.ExecStatus.FATAL_ERROR
+_fast_engines: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
 
 
-def _begin_command(
-    conn: psycopg.Connection[Any], isolation: str | None, readonly: bool | None
-) -> bytes:
-    """The BEGIN psycopg would send, with a block's own isolation level and access mode."""
-    if isolation is None and conn.isolation_level is not None:
-        isolation = conn.isolation_level.name.replace("_", " ")
-    if readonly is None:
-        # Not asked either way: psycopg's own setting, and when that is unset neither mode,
-        # so the server's default (default_transaction_read_only, a standby) holds.
-        readonly = conn.read_only
-    deferrable = conn.deferrable
-    if isolation is None and readonly is None and deferrable is None:
-        return b"BEGIN"
-    parts = ["BEGIN"]
-    if isolation is not None:
-        parts.append(f"ISOLATION LEVEL {isolation}")
-    if readonly is not None:
-        parts.append("READ ONLY" if readonly else "READ WRITE")
-    if deferrable is not None:
-        parts.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
-    return " ".join(parts).encode()
-
-
-def _install_connect(engine: Engine, breaker: CircuitBreaker | None) -> None:
-    """New physical connections are ``DbkitPgConnection``s, made through the breaker when it
-    is on (reused pooled connections are not: they need no server handshake)."""
+def _install_connect(engine: Engine, breaker: CircuitBreaker | None, fast: bool) -> None:
+    """New physical connections are made through the breaker when it is on (reused pooled
+    connections are not: they need no server handshake); with fast paths on, they are
+    ``PgConnection``s, which can have a BEGIN in flight."""
 
     @event.listens_for(engine, "do_connect")
     def connect(dialect: Any, record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]) -> Any:
         dbapi = dialect.loaded_dbapi
-        make = DbkitPgConnection.connect if dbapi is psycopg else dbapi.connect
+        make = PgConnection.connect if fast and dbapi is psycopg else dbapi.connect
         if breaker is None:
             return make(*cargs, **cparams)
         with breaker.guard():

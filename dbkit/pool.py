@@ -11,11 +11,11 @@
   ``pg_terminate_backend`` or a restart; looked at once it has been idle a few
   milliseconds).  A dead connection is swapped for a new one before the caller sees it.
 
-The checks and counters run inside the ``QueuePool`` subclass's own checkout and return
-paths (``_do_get``, ``_return_conn``), not as pool event listeners: a single checkout
-listener sends every checkout through SQLAlchemy's slower, event-dispatching path.  Only
-rare events (connect, close, detach, invalidate) are listeners.  The idle queue hands a
-returned connection straight to the thread that waited longest.
+The policy lives in ``PolicyHooks``.  With fast paths on, ``dbkit.fastpath.pool``'s
+``FastQueuePool`` calls it from its own checkout and return paths; otherwise a
+``CountingQueuePool`` runs it from pool event listeners (SQLAlchemy's public API), and
+dbkit keeps its own record of idle connections for the sweeper.  Same checks, same
+counters either way.
 """
 
 from __future__ import annotations
@@ -25,24 +25,23 @@ import select
 import threading
 import time
 import traceback
-from collections import deque
-from typing import Any, cast
+import weakref
+from typing import Any
 
 import psycopg
 from loguru import logger
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState, QueuePool
-from sqlalchemy.pool.base import _ConnectionRecord
-from sqlalchemy.util import queue as sqla_queue
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from dbkit.fastpath.pool import FastQueuePool, idle_entries
 from dbkit.stats import PoolCounters
 
 __all__ = [
-    "DbkitQueuePool",
-    "HandoffQueue",
+    "CountingQueuePool",
     "LeakDetector",
+    "PolicyHooks",
     "PoolPolicy",
     "evict_expired",
     "install_pool_events",
@@ -62,210 +61,6 @@ _CONN_OK = psycopg.pq.ConnStatus.OK
 _POLLIN = getattr(select, "POLLIN", 1)
 
 
-class _Waiter:
-    """One thread waiting for a connection: a lock it blocks on until one is handed over."""
-
-    __slots__ = ("lock", "record")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.record: ConnectionPoolEntry | None = None
-
-
-class HandoffQueue(sqla_queue.Queue[ConnectionPoolEntry]):
-    """The pool's idle queue: SQLAlchemy's, with a fast uncontended path and hand-off under
-    contention.
-
-    A returned connection goes straight to the thread that has waited longest (as
-    psycopg_pool does) instead of into the queue with a ``notify()``: a woken thread never
-    finds that another thread took the connection first and goes back to sleep, which with
-    many threads and few connections was most of the time spent waiting.  ``put`` never
-    blocks (the pool only ever asks for a non-blocking put).  The mutex stays SQLAlchemy's
-    ``RLock``: a garbage-collected connection may be returned from inside a critical section.
-    """
-
-    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
-        super().__init__(maxsize, use_lifo)
-        self._waiters: deque[_Waiter] = deque()
-
-    def get(self, block: bool = True, timeout: float | None = None) -> ConnectionPoolEntry:
-        with self.mutex:
-            queue = self.queue
-            if queue:
-                return queue.pop() if self.use_lifo else queue.popleft()
-            if not block:
-                raise sqla_queue.Empty
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a positive number")
-        waiter = _Waiter()  # allocated outside the mutex (see the class docstring)
-        with self.mutex:
-            if queue:  # returned meanwhile
-                return queue.pop() if self.use_lifo else queue.popleft()
-            self._waiters.append(waiter)
-        try:
-            if waiter.lock.acquire(True, -1 if timeout is None else timeout):
-                assert waiter.record is not None
-                return waiter.record
-        except BaseException:
-            # Interrupted (Ctrl-C) while waiting: leave the line, and pass on a connection
-            # handed over meanwhile, or it would be lost to the pool for good.
-            with self.mutex:
-                if waiter.record is None:
-                    self._waiters.remove(waiter)
-            if waiter.record is not None:
-                self.put(waiter.record)
-            raise
-        with self.mutex:
-            if waiter.record is None:  # not handed one while the timeout expired
-                self._waiters.remove(waiter)
-                raise sqla_queue.Empty
-        return waiter.record
-
-    def put(
-        self, item: ConnectionPoolEntry, block: bool = True, timeout: float | None = None
-    ) -> None:
-        with self.mutex:
-            waiters = self._waiters
-            if waiters:
-                waiter = waiters.popleft()
-                waiter.record = item
-                waiter.lock.release()
-                return
-            if 0 < self.maxsize <= len(self.queue):
-                raise sqla_queue.Full
-            self.queue.append(item)
-
-
-class DbkitQueuePool(QueuePool):
-    """``QueuePool`` that applies dbkit's ``PoolPolicy`` and feeds a ``PoolCounters``.
-
-    The policy's checks run in the pool's own checkout and return paths rather than as pool
-    event listeners: any listener makes SQLAlchemy take its slower checkout path (event
-    dispatch, a retry loop) for every checkout.  ``install_pool_events`` sets ``counters``
-    and ``policy``; an unconfigured pool behaves as a plain ``QueuePool``.
-    """
-
-    _queue_class = HandoffQueue
-    counters: PoolCounters | None = None
-    policy: PoolPolicy | None = None
-
-    def _do_get(self) -> ConnectionPoolEntry:
-        counters = self.counters
-        if counters is None:
-            return super()._do_get()
-        try:
-            record = self._pool.get(False)  # an idle connection: the usual case
-        except sqla_queue.Empty:
-            record = self._get_slow(counters)
-        counters.checked_out()
-        policy = self.policy
-        if policy is not None and record.dbapi_connection is not None:
-            try:
-                _check_reused(record, policy, counters)
-            except BaseException:
-                self._return_conn(record)
-                raise
-        return record
-
-    def connect(self) -> PoolProxiedConnection:
-        fairy = super().connect()
-        dbapi_conn = fairy.dbapi_connection
-        if dbapi_conn is not None and dbapi_conn.autocommit:
-            # Left in autocommit by dbkit's driver path (checkout_entry); SQLAlchemy's
-            # transactions rely on the driver's implicit BEGIN.
-            try:
-                dbapi_conn.autocommit = False
-            except BaseException:
-                fairy.invalidate()
-                fairy.close()
-                raise
-        return fairy
-
-    def checkout_entry(self) -> _ConnectionRecord:
-        """A pool entry with a live connection, without the ``_ConnectionFairy`` proxy that
-        ``connect()`` wraps around it (a weakref finalizer, a reset protocol: as much work
-        as a primary-key query).  Only for dbkit's driver path, which runs when no pool
-        event listener is installed; hand it back with ``checkin_entry``."""
-        record = cast(_ConnectionRecord, self._do_get())
-        try:
-            record.get_connection()  # (re)connects an empty or recycled slot
-        except BaseException as error:
-            record._checkin_failed(error, _fairy_was_created=False)
-            raise
-        return record
-
-    def checkin_entry(self, record: _ConnectionRecord) -> None:
-        record.checkin(_fairy_was_created=False)
-
-    def _get_slow(self, counters: PoolCounters) -> ConnectionPoolEntry:
-        # The only blocking branch of QueuePool._do_get: every slot taken, none idle.
-        if not (self._max_overflow > -1 and self._overflow >= self._max_overflow):
-            return super()._do_get()
-        started = time.monotonic()
-        try:
-            record = super()._do_get()
-        except sa_exc.TimeoutError:
-            counters.waited(time.monotonic() - started, timed_out=True)
-            raise
-        counters.waited(time.monotonic() - started, timed_out=False)
-        return record
-
-    def _return_conn(self, record: ConnectionPoolEntry) -> None:
-        # Called for every connection checked in (not for a detached one).
-        counters = self.counters
-        try:
-            if counters is not None:
-                counters.checked_in()
-                dbapi_conn = record.dbapi_connection
-                if dbapi_conn is not None:  # None: invalidated while checked out
-                    self._reset(record, dbapi_conn, counters)
-        finally:
-            self._do_return_conn(record)
-
-    def _reset(self, record: ConnectionPoolEntry, dbapi_conn: Any, counters: PoolCounters) -> None:
-        # Replaces QueuePool's unconditional rollback-on-return (the engine is built with
-        # pool_reset_on_return=None): libpq already knows whether a transaction is open, so
-        # an idle connection skips the driver call.
-        if dbapi_conn.pgconn.transaction_status != _IDLE:
-            try:
-                dbapi_conn.rollback()
-            except BaseException as error:
-                self.logger.error("Exception during reset or similar", exc_info=True)
-                record.invalidate(error)
-                if not isinstance(error, Exception):
-                    raise
-                return
-        policy = self.policy
-        if policy is None:
-            return
-        if not policy.keep_idle:
-            # max_idle_conns = 0: Go keeps no idle connection at all.
-            counters.add("max_idle_closed")
-            record.invalidate()
-            return
-        record.info["dbkit_returned"] = time.monotonic()
-
-    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        try:
-            self._pool.put(record, False)
-        except sqla_queue.Full:
-            # The idle queue is full (max_idle_conns reached): Go's MaxIdleClosed.
-            if self.counters is not None and record.dbapi_connection is not None:
-                self.counters.add("max_idle_closed")
-            try:
-                record.close()
-            finally:
-                self._dec_overflow()
-
-    def recreate(self) -> QueuePool:
-        pool = super().recreate()
-        if isinstance(pool, DbkitQueuePool):
-            pool.counters = self.counters
-            pool.policy = self.policy
-        return pool
-
-
 class PoolPolicy:
     """The Go-style limits the pool enforces; plain numbers, 0 meaning "off"."""
 
@@ -283,9 +78,57 @@ class PoolPolicy:
         self.keep_idle = keep_idle
 
 
-def _check_reused(record: ConnectionPoolEntry, policy: PoolPolicy, counters: PoolCounters) -> None:
+class PolicyHooks:
+    """The policy and the counters, at the pool's checkout and return (``PoolHooks``)."""
+
+    __slots__ = ("counters", "policy")
+
+    def __init__(self, counters: PoolCounters, policy: PoolPolicy) -> None:
+        self.counters = counters
+        self.policy = policy
+
+    def checked_out(self, record: ConnectionPoolEntry) -> None:
+        self.counters.checked_out()
+        if record.dbapi_connection is not None:
+            check_reused(record, self.policy, self.counters)
+
+    def returned(self, record: ConnectionPoolEntry) -> None:
+        counters = self.counters
+        counters.checked_in()
+        dbapi_conn: Any = record.dbapi_connection
+        if dbapi_conn is None:  # invalidated while checked out
+            return
+        # Replaces QueuePool's unconditional rollback-on-return: libpq already knows
+        # whether a transaction is open, so an idle connection skips the driver call.
+        if dbapi_conn.pgconn.transaction_status != _IDLE:
+            try:
+                dbapi_conn.rollback()
+            except BaseException as error:
+                logger.opt(exception=error).warning("rollback on return failed; discarded")
+                record.invalidate(error)
+                if not isinstance(error, Exception):
+                    raise
+                return
+        self._mark_idle(record)
+
+    def _mark_idle(self, record: ConnectionPoolEntry) -> None:
+        if not self.policy.keep_idle:
+            # max_idle_conns = 0: Go keeps no idle connection at all.
+            self.counters.add("max_idle_closed")
+            record.invalidate()
+            return
+        record.info["dbkit_returned"] = time.monotonic()
+
+    def waited(self, seconds: float, timed_out: bool) -> None:
+        self.counters.waited(seconds, timed_out=timed_out)
+
+    def idle_full(self) -> None:
+        self.counters.add("max_idle_closed")
+
+
+def check_reused(record: ConnectionPoolEntry, policy: PoolPolicy, counters: PoolCounters) -> None:
     """Checkout checks of a pooled connection: an expired or dead one is closed here, and
-    SQLAlchemy's ``get_connection()`` then opens a new one before the caller sees it."""
+    the pool then opens a new one before the caller sees it."""
     info = record.info
     returned = info.get("dbkit_returned")
     if returned is None:  # a fresh connection needs no checks
@@ -341,18 +184,62 @@ def _ping(conn: psycopg.Connection[Any]) -> bool:
     return result.status == psycopg.pq.ExecStatus.EMPTY_QUERY
 
 
+class CountingQueuePool(QueuePool):
+    """``QueuePool`` through its public API only: times the checkouts that must wait for a
+    connection (every slot taken) for Go's ``WaitCount`` / ``WaitDuration``."""
+
+    hooks: PolicyHooks | None = None
+    max_open = 0  # pool_size + max_overflow; 0 = unlimited
+
+    def connect(self) -> PoolProxiedConnection:
+        hooks = self.hooks
+        if hooks is None or not self.max_open or self.checkedout() < self.max_open:
+            return super().connect()
+        started = time.monotonic()
+        try:
+            fairy = super().connect()
+        except sa_exc.TimeoutError:
+            hooks.waited(time.monotonic() - started, timed_out=True)
+            raise
+        hooks.waited(time.monotonic() - started, timed_out=False)
+        return fairy
+
+    def recreate(self) -> QueuePool:
+        pool = super().recreate()
+        if isinstance(pool, CountingQueuePool):
+            pool.hooks, pool.max_open = self.hooks, self.max_open
+        return pool
+
+
+class _IdleRecords:
+    """The idle connections of a pool seen through events (the public API has no view of
+    the pool's queue), for the sweeper.  A record the sweeper closed may already have been
+    taken from the queue by a checkout: that checkout finds its connection closed and
+    raises ``DisconnectionError``, on which SQLAlchemy connects afresh."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.records: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
+
+
+_idle_by_engine: weakref.WeakKeyDictionary[Engine, _IdleRecords] = weakref.WeakKeyDictionary()
+
+
 def install_pool_events(engine: Engine, counters: PoolCounters, policy: PoolPolicy) -> None:
     """Attach dbkit's pool behaviour to ``engine``; it survives ``engine.dispose()``.
 
-    A ``DbkitQueuePool`` (dbkit's default) checks connections itself; any other pool class
-    (``poolclass=`` given as an engine option) gets the same behaviour from event listeners.
+    A ``FastQueuePool`` runs the policy itself; any other pool (dbkit's
+    ``CountingQueuePool`` with fast paths off, or a ``poolclass=`` given as an engine
+    option) gets the same behaviour from event listeners.
     """
+    hooks = PolicyHooks(counters, policy)
     pool = engine.pool
-    if isinstance(pool, DbkitQueuePool):
-        pool.counters = counters
-        pool.policy = policy
+    if isinstance(pool, FastQueuePool):
+        pool.hooks = hooks
     else:
-        _install_checkout_events(engine, counters, policy)
+        if isinstance(pool, CountingQueuePool):
+            pool.hooks = hooks
+        _install_checkout_events(engine, hooks)
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
@@ -381,36 +268,37 @@ def install_pool_events(engine: Engine, counters: PoolCounters, policy: PoolPoli
             counters.add("invalidated")
 
 
-def _install_checkout_events(engine: Engine, counters: PoolCounters, policy: PoolPolicy) -> None:
-    """DbkitQueuePool's checkout and return paths, as event listeners for other pools."""
+def _install_checkout_events(engine: Engine, hooks: PolicyHooks) -> None:
+    """``PolicyHooks`` as event listeners, for pools other than ``FastQueuePool``."""
+    idle = _idle_by_engine[engine] = _IdleRecords()
 
     @event.listens_for(engine, "checkout")
     def on_checkout(
         dbapi_conn: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
     ) -> None:
+        with idle.lock:
+            idle.records.discard(record)
+        if dbapi_conn.closed:
+            # Closed by the sweeper after the pool handed it out: connect afresh.
+            raise sa_exc.DisconnectionError("pooled connection was closed by the sweeper")
         before = record.dbapi_connection
-        _check_reused(record, policy, counters)
+        hooks.checked_out(record)
         if record.dbapi_connection is not before:
             # Closed by the checks: SQLAlchemy opens a new connection on this error.
             raise sa_exc.DisconnectionError("pooled connection was closed at checkout")
-        counters.checked_out()
 
     @event.listens_for(engine, "checkin")
     def on_checkin(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
-        counters.checked_in()
-        if dbapi_conn is None:  # invalidated while checked out
+        hooks.returned(record)
+        if record.dbapi_connection is None:
             return
-        record.info["dbkit_returned"] = time.monotonic()
-        if not policy.keep_idle:
-            counters.add("max_idle_closed")
-            record.invalidate()
-
-    @event.listens_for(engine, "reset")
-    def on_reset(dbapi_conn: Any, record: ConnectionPoolEntry, state: PoolResetState) -> None:
-        if state.terminate_only:
+        pool = engine.pool
+        if isinstance(pool, QueuePool) and pool.checkedin() >= pool.size():
+            # The idle queue is full: QueuePool closes this one (Go's MaxIdleClosed).
+            hooks.idle_full()
             return
-        if dbapi_conn.pgconn.transaction_status != _IDLE:
-            dbapi_conn.rollback()
+        with idle.lock:
+            idle.records.add(record)
 
 
 def evict_expired(engine: Engine, counters: PoolCounters, policy: PoolPolicy) -> int:
@@ -418,35 +306,51 @@ def evict_expired(engine: Engine, counters: PoolCounters, policy: PoolPolicy) ->
     does, so that a quiet pool shrinks without waiting for the next checkout.  Returns how
     many were closed.
 
-    The idle queue's own mutex is held while scanning, so no checkout can take a record
-    we are closing; a closed record stays in the queue as an empty slot that reconnects
-    on its next checkout (QueuePool's own behaviour for invalidated records).
+    No checkout can take a record while it is looked at: ``FastQueuePool``'s queue is
+    locked meanwhile (a closed record stays in the queue as an empty slot that reconnects
+    on its next checkout, QueuePool's own behaviour for invalidated records); with other
+    pools see ``_IdleRecords``.
     """
-    pool = engine.pool
-    queue = getattr(pool, "_pool", None)
-    if queue is None or (policy.max_idle_time <= 0 and policy.max_lifetime <= 0):
+    if policy.max_idle_time <= 0 and policy.max_lifetime <= 0:
         return 0
+    with idle_entries(engine.pool) as entries:
+        if entries is not None:
+            return _close_expired(entries, counters, policy)
+    idle = _idle_by_engine.get(engine)
+    if idle is None:
+        return 0
+    with idle.lock:
+        records = list(idle.records)
+        closed = _close_expired(records, counters, policy)
+        for record in records:
+            if record.dbapi_connection is None:
+                idle.records.discard(record)
+    return closed
+
+
+def _close_expired(
+    records: list[ConnectionPoolEntry], counters: PoolCounters, policy: PoolPolicy
+) -> int:
     closed = 0
     now = time.monotonic()
-    with queue.mutex:
-        for record in list(queue.queue):
-            if record.dbapi_connection is None:
-                continue
-            info = record.info
-            returned = info.get("dbkit_returned")
-            expires = info.get("dbkit_expires")
-            if expires is not None and now >= expires:
-                counters.add("max_lifetime_closed")
-            elif (
-                policy.max_idle_time > 0
-                and returned is not None
-                and now - returned > policy.max_idle_time
-            ):
-                counters.add("max_idle_time_closed")
-            else:
-                continue
-            record.close()
-            closed += 1
+    for record in records:
+        if record.dbapi_connection is None:
+            continue
+        info = record.info
+        returned = info.get("dbkit_returned")
+        expires = info.get("dbkit_expires")
+        if expires is not None and now >= expires:
+            counters.add("max_lifetime_closed")
+        elif (
+            policy.max_idle_time > 0
+            and returned is not None
+            and now - returned > policy.max_idle_time
+        ):
+            counters.add("max_idle_time_closed")
+        else:
+            continue
+        record.close()
+        closed += 1
     return closed
 
 

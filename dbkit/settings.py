@@ -176,6 +176,7 @@ class PostgresConfig:
     breaker_failure_threshold: int = 5  # consecutive connect failures that open it; 0 = off
     breaker_recovery_timeout: float = 30.0  # open this long before one probe is let through
     leak_detection_threshold: float = 0.0  # warn about connections held longer; 0 = off
+    fast_paths: bool = True  # false: SQLAlchemy's and psycopg's public API only (dbkit.fastpath)
 
     def __post_init__(self) -> None:
         problems, failed = _coerce_fields(self, _PG)

@@ -71,18 +71,17 @@ except ImportError as error:  # pragma: no cover - only without the test extra
     ) from error
 
 import psycopg
-import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from dbkit.admin import create_database, drop_database
+from dbkit.connection import rollback_quietly
 from dbkit.database import Database
 from dbkit.errors import TransactionError
 from dbkit.transaction import run_on_commit_callback
 
 if TYPE_CHECKING:
     from dbkit.local import LocalPostgres
-    from dbkit.transaction import DbkitConnection
 
 __all__ = [
     "ENV_DATABASE_URL",
@@ -283,7 +282,7 @@ def dbkit_db(dbkit_database: Database) -> Iterator[Database]:
                 yield db
                 left_open = manager.open_blocks()
         finally:
-            _rollback_quietly(root, conn)
+            rollback_quietly(root, conn)
     finally:
         conn.close()  # back to the pool (or closed, if invalidated above)
     if left_open:
@@ -292,17 +291,6 @@ def dbkit_db(dbkit_database: Database) -> Iterator[Database]:
             "without being exited); they were rolled back with the test",
             pytrace=False,
         )
-
-
-def _rollback_quietly(root: sa.RootTransaction, conn: DbkitConnection) -> None:
-    """Roll the test's work back; a connection that cannot even do that (killed by the
-    test, server restarted) is discarded instead of going back to the pool."""
-    try:
-        if root.is_active:
-            root.rollback()
-    except Exception:
-        with contextlib.suppress(Exception):
-            conn.invalidate()
 
 
 # ----------------------------------------------------------------------------------------

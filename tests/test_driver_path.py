@@ -1,5 +1,5 @@
 """Statements outside a transaction run on the pooled psycopg connection itself (dbkit's
-driver path, ``dbkit.repository.fastpath.DriverPath``) once SQLAlchemy has compiled them
+driver path, ``dbkit.fastpath.sqlalchemy.DriverPath``) once SQLAlchemy has compiled them
 and described their result: the same rows, keys, type processing, errors and metrics as
 SQLAlchemy's path, and SQLAlchemy's path whenever someone listens to its events."""
 
@@ -15,8 +15,12 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from dbkit import Database
+from dbkit.fastpath.sqlalchemy import Declined, DriverPath, FastGet
 from dbkit.repository import Repository
-from dbkit.repository.fastpath import DriverPath, NotHandled, _FastGet
+
+# What this module checks is the fast path itself; the rest of the suite covers
+# SQLAlchemy's path (see tests/conftest.py).
+pytestmark = pytest.mark.fast_path
 
 
 class Shouting(sa.TypeDecorator[str]):
@@ -64,7 +68,7 @@ def driver_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         def spy(self: DriverPath, *args: Any, _real: Any = real, _name: str = name) -> Any:
             try:
                 result = _real(self, *args)
-            except NotHandled:  # left to SQLAlchemy: nothing was sent
+            except Declined:  # left to SQLAlchemy: nothing was sent
                 raise
             except BaseException:
                 calls[_name] += 1
@@ -145,11 +149,11 @@ def test_repository_get_takes_the_same_turns(heroes_db: Database) -> None:
 
     repo = Heroes(heroes_db)
     calls = 0
-    real = _FastGet.fetch
+    real = FastGet.fetch
 
-    def spy(self: _FastGet, params: dict[str, Any]) -> Any:
+    def spy(self: FastGet, params: dict[str, Any]) -> Any:
         nonlocal calls
-        row = real(self, params)  # NotHandled propagates uncounted
+        row = real(self, params)  # Declined propagates uncounted
         calls += 1
         return row
 
@@ -159,7 +163,7 @@ def test_repository_get_takes_the_same_turns(heroes_db: Database) -> None:
         checkouts.append(args[1])
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_FastGet, "fetch", spy)
+        patch.setattr(FastGet, "fetch", spy)
         plain = repo.get(1)
         event.listen(heroes_db.engine, "checkout", on_checkout)
         try:

@@ -132,7 +132,7 @@ def tls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
             listen_addresses="127.0.0.1,127.0.0.2",
         )
         server.start()
-        with server._admin() as conn:  # goes over TLS (sslmode=prefer)
+        with server.admin_connection() as conn:  # goes over TLS (sslmode=prefer)
             conn.execute(f"CREATE ROLE {CERT_USER} LOGIN")
         yield server
     finally:

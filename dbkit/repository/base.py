@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Row
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
+from dbkit.connection import rollback_quietly
 from dbkit.errors import (
     ConflictError,
     MultipleResultsError,
@@ -25,21 +26,22 @@ from dbkit.errors import (
     TransactionBroken,
     translate,
 )
+from dbkit.fastpath.sqlalchemy import Declined, FastGet, instrumented
 from dbkit.repository import bulk
 from dbkit.repository.bulk import (
-    _END,
     DEFAULT_UPSERT_CHUNK,
-    _CopyPlan,
-    _CopyUpsert,
-    _getter,
-    _require,
-    _sort_by_key,
-    _Statement,
-    _UpsertStep,
+    END,
+    CopyPlan,
+    CopyUpsert,
+    UpsertStatement,
+    UpsertStep,
+    require_keys,
+    sort_by_key,
+    tuple_getter,
 )
-from dbkit.repository.fastpath import NotHandled, _driver_stream, _FastGet, _instrumented
-from dbkit.repository.keyset import OrderBy, Page, _after_clause, _descending, _keys_of
-from dbkit.repository.plan import _Plan
+from dbkit.repository.keyset import OrderBy, Page, after_clause, descending, keys_of
+from dbkit.repository.plan import Plan
+from dbkit.repository.streaming import driver_stream
 
 if TYPE_CHECKING:
     from dbkit.database import Database
@@ -52,17 +54,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 Filter = sa.ColumnElement[bool] | sa.TextClause
 
 _SCALAR_KEYS = frozenset({int, str, uuid.UUID})
-
-
-def _rollback_or_discard(conn: sa.Connection, transaction: sa.RootTransaction) -> None:
-    """Roll back after a failure.  When even that fails (Ctrl-C arrived while a command
-    was in flight, and the connection is still busy with it), discard the connection:
-    closing it ends the server's transaction as well, and the error worth raising is the
-    one that got us here, not the rollback's."""
-    try:
-        transaction.rollback()
-    except Exception:
-        conn.invalidate()
 
 
 def _translating(method: F) -> F:
@@ -129,18 +120,19 @@ class Repository(Generic[T]):
     # Constraint name → exception class raised instead of dbkit's (e.g. EmailTaken).
     constraint_errors: ClassVar[Mapping[str, type[Exception]]] = {}
 
-    _plan: ClassVar[_Plan]
+    # What the class declares, worked out once: columns, statements, how rows become T.
+    table_plan: ClassVar[Plan]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if getattr(cls, "table", None) is not None:
-            cls._plan = _Plan(cls)
+            cls.table_plan = Plan(cls)
 
     def __init__(self, db: Database) -> None:
-        if getattr(type(self), "_plan", None) is None:
+        if getattr(type(self), "table_plan", None) is None:
             raise TypeError(f"{type(self).__qualname__} needs a `table = <sqlalchemy.Table>`")
         self._db = db
-        self._fast_gets: dict[bool, _FastGet] = {}
+        self._fast_gets: dict[bool, FastGet] = {}
 
     @property
     def db(self) -> Database:
@@ -152,7 +144,7 @@ class Repository(Generic[T]):
         return self.table.c
 
     def __repr__(self) -> str:
-        return f"<{type(self).__qualname__} table={self._plan.name!r}>"
+        return f"<{type(self).__qualname__} table={self.table_plan.name!r}>"
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -160,15 +152,15 @@ class Repository(Generic[T]):
     def get(self, pk: Any, *, include_deleted: bool = False) -> T:
         """The row with primary key ``pk`` (a scalar, or a tuple/mapping for a composite
         key); ``NotFoundError`` when there is none."""
-        plan = self._plan
+        plan = self.table_plan
         params = self._pk_params(pk)
         stmt = plan.get_any if include_deleted else plan.get_visible
-        if self._db.connection() is None:  # outside a transaction: the driver path if it may
-            try:
-                row = self._fast_get(include_deleted).fetch(params)
-            except NotHandled:
-                row = self._fetch_one(stmt, params)
-        else:
+        fast = self._fast_get(include_deleted) if self._db.connection() is None else None
+        try:
+            if fast is None:
+                raise Declined
+            row = fast.fetch(params)
+        except Declined:
             row = self._fetch_one(stmt, params)
         if row is None:
             raise self._not_found(pk)
@@ -181,8 +173,8 @@ class Repository(Generic[T]):
         stmt = self._select(where, eq, include_deleted).limit(2)
         rows = self._fetch(stmt)
         if len(rows) > 1:
-            raise MultipleResultsError(f"more than one row of {self._plan.name!r} matches")
-        return cast(T, self._plan.make(rows[0])) if rows else None
+            raise MultipleResultsError(f"more than one row of {self.table_plan.name!r} matches")
+        return cast(T, self.table_plan.make(rows[0])) if rows else None
 
     @_translating
     def list(
@@ -201,7 +193,7 @@ class Repository(Generic[T]):
             stmt = stmt.limit(_non_negative("limit", limit))
         if offset is not None:
             stmt = stmt.offset(_non_negative("offset", offset))
-        return builtins.list(self._plan.make_all(self._fetch(stmt)))
+        return builtins.list(self.table_plan.make_all(self._fetch(stmt)))
 
     @_translating
     def count(self, *where: Filter, include_deleted: bool = False, **eq: Any) -> int:
@@ -262,8 +254,8 @@ class Repository(Generic[T]):
                     f"after= needs {len(keys)} values ({', '.join(c.key for c, _ in keys)}), "
                     f"got {len(after)}: pass the previous page's next_after"
                 )
-            conditions.append(_after_clause(keys, after))
-        plan = self._plan
+            conditions.append(after_clause(keys, after))
+        plan = self.table_plan
         extra = [col for col, _ in keys if col.key not in plan.column_keys]
         selected = [*plan.columns, *extra]
         position = {col.key: i for i, col in enumerate(selected)}
@@ -294,7 +286,7 @@ class Repository(Generic[T]):
     ) -> sa.ColumnElement[bool]:
         """A LIKE/ILIKE condition that matches ``text`` literally: ``%`` and ``_`` in it are
         escaped, so user input cannot widen the pattern."""
-        col = self._plan.column(column)
+        col = self.table_plan.column(column)
         ops: dict[tuple[bool, str], Callable[..., sa.ColumnElement[bool]]] = {
             (True, "contains"): col.contains,
             (True, "startswith"): col.startswith,
@@ -314,19 +306,19 @@ class Repository(Generic[T]):
     def add(self, obj: Any) -> T:
         """Insert one row (a mapping or a model object); returns it as stored
         (``INSERT … RETURNING``: defaults and generated keys included)."""
-        values = self._plan.values_of(obj)
-        row = self._fetch_one(self._plan.insert.returning(*self._plan.columns), values)
+        values = self.table_plan.values_of(obj)
+        row = self._fetch_one(self.table_plan.insert.returning(*self.table_plan.columns), values)
         assert row is not None
-        return cast(T, self._plan.make(row))
+        return cast(T, self.table_plan.make(row))
 
     @_translating
     def add_many(self, rows: Iterable[Any]) -> builtins.list[T]:
         """Insert rows and return them as stored, in input order (insertmanyvalues: one
         round trip per 1,000 rows, ``RETURNING`` sorted by parameter order)."""
-        groups = self._plan.grouped(rows)
+        groups = self.table_plan.grouped(rows)
         if not groups:
             return []
-        plan = self._plan
+        plan = self.table_plan
         stmt = plan.insert.returning(*plan.columns, sort_by_parameter_order=True)
         stored: builtins.list[T] = []
         with self._writing(single=len(groups) == 1 and len(groups[0]) == 1) as conn:
@@ -338,12 +330,12 @@ class Repository(Generic[T]):
     def insert_many(self, rows: Iterable[Any]) -> int:
         """Insert rows without reading anything back (executemany, pipelined by psycopg);
         returns how many were inserted."""
-        groups = self._plan.grouped(rows)
+        groups = self.table_plan.grouped(rows)
         if not groups:
             return 0
         with self._writing(single=len(groups) == 1 and len(groups[0]) == 1) as conn:
             for group in groups:
-                conn.execute(self._plan.insert, group)
+                conn.execute(self.table_plan.insert, group)
         return sum(len(group) for group in groups)
 
     @_translating
@@ -355,10 +347,10 @@ class Repository(Generic[T]):
 
         All or nothing: the COPY runs in the ambient transaction or in its own."""
         iterator = iter(rows)
-        first = next(iterator, _END)
-        if first is _END:
+        first = next(iterator, END)
+        if first is END:
             return 0
-        copy = _CopyPlan(self._plan, first, columns)
+        copy = CopyPlan(self.table_plan, first, columns)
         with self._db.transaction(savepoint=False) as conn:
             if self._db.get_rollback():  # COPY bypasses the connection's own guard
                 raise TransactionBroken(
@@ -380,10 +372,10 @@ class Repository(Generic[T]):
         (default: the primary key) — one atomic ``INSERT … ON CONFLICT DO UPDATE …
         RETURNING``.  ``update`` limits the columns overwritten on conflict (default: every
         given column outside the key)."""
-        plan = self._plan
+        plan = self.table_plan
         keys = self._conflict_keys(conflict)
         values = plan.values_of(row)
-        _require(values, keys, plan.name)
+        require_keys(values, keys, plan.name)
         insert = pg.insert(self.table).values(**plan.insert_extras)
         stmt = insert.on_conflict_do_update(
             index_elements=[self.table.c[k] for k in keys],
@@ -418,12 +410,12 @@ class Repository(Generic[T]):
           UPDATE`` — the cheapest path by far on the client side."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        plan = self._plan
+        plan = self.table_plan
         keys = self._conflict_keys(conflict)
         if update is not None:
             plan.check_names(update)
         latest: dict[tuple[Any, ...], dict[str, Any]] = {}
-        key_of = _getter(keys)
+        key_of = tuple_getter(keys)
         nulls = itertools.count()
         for row in rows:
             values = plan.values_of(row)
@@ -435,7 +427,7 @@ class Repository(Generic[T]):
                     key = (*key, next(nulls))
                 latest[key] = values
             except KeyError:
-                _require(values, keys, plan.name)
+                require_keys(values, keys, plan.name)
                 raise
             except TypeError as error:
                 raise ValueError(f"conflict key values must be hashable: {error}") from None
@@ -460,7 +452,7 @@ class Repository(Generic[T]):
         """Set columns of the row with primary key ``pk``; returns the updated row.
         ``NotFoundError`` when there is no such row; with ``expected_version`` (repositories
         with a ``version_column``), ``ConflictError`` when the row is at another version."""
-        plan = self._plan
+        plan = self.table_plan
         changes = self._changes(values)
         params = self._pk_params(pk)
         stmt = (
@@ -487,7 +479,9 @@ class Repository(Generic[T]):
         conditions = self._conditions((where,), {}, include_deleted)
         changes = self._changes(values)
         stmt = (
-            sa.update(self.table).where(*conditions).values(**changes, **self._plan.update_extras)
+            sa.update(self.table)
+            .where(*conditions)
+            .values(**changes, **self.table_plan.update_extras)
         )
         return self._rowcount(stmt)
 
@@ -495,7 +489,7 @@ class Repository(Generic[T]):
     def delete(self, pk: Any) -> bool:
         """Delete the row with primary key ``pk`` (soft delete: mark it); False when there
         was no such (visible) row."""
-        plan = self._plan
+        plan = self.table_plan
         stmt = plan.soft_delete_by_pk if plan.deleted is not None else plan.delete_by_pk
         return self._rowcount(stmt, self._pk_params(pk)) > 0
 
@@ -506,9 +500,9 @@ class Repository(Generic[T]):
         if not where and not eq:
             raise ValueError(
                 f"delete_where() without a condition would delete every row of "
-                f"{self._plan.name!r}; pass sqlalchemy.true() if that is what you mean"
+                f"{self.table_plan.name!r}; pass sqlalchemy.true() if that is what you mean"
             )
-        plan = self._plan
+        plan = self.table_plan
         conditions = self._conditions(where, eq, include_deleted=False)
         if plan.deleted is None:
             stmt: sa.Executable = sa.delete(self.table).where(*conditions)
@@ -520,12 +514,12 @@ class Repository(Generic[T]):
     @_translating
     def hard_delete(self, pk: Any) -> bool:
         """Really delete the row with primary key ``pk``, soft-deleted or not."""
-        return self._rowcount(self._plan.delete_by_pk, self._pk_params(pk)) > 0
+        return self._rowcount(self.table_plan.delete_by_pk, self._pk_params(pk)) > 0
 
     @_translating
     def restore(self, pk: Any) -> T:
         """Bring back a soft-deleted row (a no-op for a live one); returns it."""
-        plan = self._plan
+        plan = self.table_plan
         if plan.deleted is None:
             raise TypeError(f"{type(self).__qualname__} has no soft_delete_column")
         stmt = (
@@ -542,7 +536,7 @@ class Repository(Generic[T]):
     # -- statements ------------------------------------------------------------------------
 
     def _visible(self, include_deleted: bool) -> tuple[sa.ColumnElement[bool], ...]:
-        alive = self._plan.alive
+        alive = self.table_plan.alive
         return () if alive is None or include_deleted else (alive,)
 
     def _conditions(
@@ -560,7 +554,7 @@ class Repository(Generic[T]):
                     f"not {type(clause).__name__} {clause!r}"
                 )
             conditions.append(clause)
-        column = self._plan.column
+        column = self.table_plan.column
         conditions.extend(column(name) == value for name, value in eq.items())
         conditions.extend(self._visible(include_deleted))
         return conditions
@@ -568,14 +562,16 @@ class Repository(Generic[T]):
     def _select(
         self, where: Sequence[Any], eq: Mapping[str, Any], include_deleted: bool
     ) -> sa.Select[Any]:
-        return sa.select(*self._plan.columns).where(*self._conditions(where, eq, include_deleted))
+        return sa.select(*self.table_plan.columns).where(
+            *self._conditions(where, eq, include_deleted)
+        )
 
     def _order_clauses(self, order_by: OrderBy) -> builtins.list[sa.ColumnElement[Any]]:
         clauses: builtins.list[sa.ColumnElement[Any]] = []
-        for key in _keys_of(order_by):
+        for key in keys_of(order_by):
             if isinstance(key, str):
                 desc = key.startswith("-")
-                col = self._plan.column(key[1:] if desc else key)
+                col = self.table_plan.column(key[1:] if desc else key)
                 clauses.append(col.desc() if desc else col.asc())
             elif isinstance(key, sa.ColumnElement):
                 self._own_column(key)
@@ -586,19 +582,19 @@ class Repository(Generic[T]):
 
     def _own_column(self, expr: sa.ColumnElement[Any]) -> None:
         """A plain column in ``order_by`` must belong to this table."""
-        inner = _descending(expr)
+        inner = descending(expr)
         col = inner[0] if inner is not None else expr
         if isinstance(col, sa.Column) and col.table is not self.table:
-            raise ValueError(f"column {col} is not a column of table {self._plan.name!r}")
+            raise ValueError(f"column {col} is not a column of table {self.table_plan.name!r}")
 
     def _keyset(self, order_by: OrderBy) -> builtins.list[tuple[sa.Column[Any], bool]]:
         keys: builtins.list[tuple[sa.Column[Any], bool]] = []
-        for key in _keys_of(order_by):
+        for key in keys_of(order_by):
             if isinstance(key, str):
                 desc = key.startswith("-")
-                keys.append((self._plan.column(key[1:] if desc else key), desc))
+                keys.append((self.table_plan.column(key[1:] if desc else key), desc))
                 continue
-            inner = _descending(key) if isinstance(key, sa.ColumnElement) else None
+            inner = descending(key) if isinstance(key, sa.ColumnElement) else None
             if (
                 inner is None
                 or not isinstance(inner[0], sa.Column)
@@ -617,18 +613,18 @@ class Repository(Generic[T]):
             )
         seen = {col.key for col, _ in keys}
         last_desc = keys[-1][1] if keys else False
-        keys.extend((col, last_desc) for col in self._plan.pk if col.key not in seen)
+        keys.extend((col, last_desc) for col in self.table_plan.pk if col.key not in seen)
         return keys
 
     def _conflict_keys(self, conflict: Sequence[str] | None) -> builtins.list[str]:
         if conflict is None:
-            return builtins.list(self._plan.pk_keys)
+            return builtins.list(self.table_plan.pk_keys)
         if isinstance(conflict, str):
             conflict = (conflict,)
         keys = builtins.list(conflict)
         if not keys:
             raise ValueError("conflict needs at least one column")
-        self._plan.check_names(keys)
+        self.table_plan.check_names(keys)
         return keys
 
     def _conflict_set(
@@ -640,7 +636,7 @@ class Repository(Generic[T]):
     ) -> dict[str, Any]:
         """``SET`` of ``ON CONFLICT DO UPDATE``: the proposed values (``excluded.col``) of
         the given columns outside the key and the primary key, never ``created_at``."""
-        plan = self._plan
+        plan = self.table_plan
         if update is not None:
             plan.check_names(update)
             targets = [c for c in update if c not in plan.managed]
@@ -661,28 +657,28 @@ class Repository(Generic[T]):
         keys: Sequence[str],
         update: Sequence[str] | None,
         chunk_size: int,
-    ) -> builtins.list[_UpsertStep]:
+    ) -> builtins.list[UpsertStep]:
         """The statements of one upsert_many: rows grouped by the columns they give, each
         group through unnest() chunks or one COPY-and-merge."""
         groups: dict[tuple[str, ...], builtins.list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
         for key, values in latest.items():
             groups.setdefault(tuple(values), []).append((key, values))
-        steps: builtins.list[_UpsertStep] = []
+        steps: builtins.list[UpsertStep] = []
         table = self.table
         for columns, items in groups.items():
             has_array = any(isinstance(table.c[c].type, sa.ARRAY) for c in columns)
             if len(items) > bulk.COPY_UPSERT_ROWS or has_array:
                 rows = [values for _, values in items]
-                steps.append(_CopyUpsert(self, columns, rows, keys, update))
+                steps.append(CopyUpsert(self, columns, rows, keys, update))
                 continue
-            _sort_by_key(items)
+            sort_by_key(items)
             stmt = self._unnest_upsert(columns, keys, update)
             for start in range(0, len(items), chunk_size):
                 chunk = [values for _, values in items[start : start + chunk_size]]
                 arrays = {
                     f"_dbkit_c{i}": [row[name] for row in chunk] for i, name in enumerate(columns)
                 }
-                steps.append(_Statement(stmt, arrays))
+                steps.append(UpsertStatement(stmt, arrays))
         return steps
 
     def _unnest_upsert(
@@ -692,7 +688,7 @@ class Repository(Generic[T]):
         array parameter per column, one statement whatever the number of rows.  Built once
         per shape: statements hold no values, only bind parameters."""
         cache_key = (columns, tuple(keys), None if update is None else tuple(update))
-        cached = self._plan.unnest_upserts.get(cache_key)
+        cached = self.table_plan.unnest_upserts.get(cache_key)
         if cached is not None:
             return cached
         table = self.table
@@ -705,11 +701,11 @@ class Repository(Generic[T]):
             .table_valued(*(sa.column(table.c[name].name, table.c[name].type) for name in columns))
             .render_derived(name="dbkit_rows")
         )
-        stmt = self._merge_from(source, columns, keys, update, order=False)
-        self._plan.unnest_upserts[cache_key] = stmt
+        stmt = self.merge_statement(source, columns, keys, update, order=False)
+        self.table_plan.unnest_upserts[cache_key] = stmt
         return stmt
 
-    def _merge_from(
+    def merge_statement(
         self,
         source: sa.FromClause,
         columns: Sequence[str],
@@ -720,7 +716,7 @@ class Repository(Generic[T]):
     ) -> sa.Executable:
         """``INSERT INTO table (columns, hook columns) SELECT … FROM source [ORDER BY key]
         ON CONFLICT (key) DO UPDATE SET …``; source columns carry the table's column names."""
-        plan = self._plan
+        plan = self.table_plan
         table = self.table
         names = [table.c[c].name for c in columns]
         select = sa.select(*(source.c[n] for n in names), *plan.insert_extras.values())
@@ -733,7 +729,7 @@ class Repository(Generic[T]):
         )
 
     def _changes(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        plan = self._plan
+        plan = self.table_plan
         plan.check_names(values)
         changes = {k: v for k, v in values.items() if k not in plan.managed}
         if not changes:
@@ -749,7 +745,7 @@ class Repository(Generic[T]):
 
     def _pk_params(self, pk: Any) -> dict[str, Any]:
         """Bind parameters of ``by_pk`` for a scalar, tuple or mapping key."""
-        plan = self._plan
+        plan = self.table_plan
         if plan.scalar_pk is not None and type(pk) in _SCALAR_KEYS:
             return {plan.scalar_pk: pk}
         if isinstance(pk, Mapping):
@@ -773,15 +769,14 @@ class Repository(Generic[T]):
         return {p.key: v for p, v in zip(plan.pk_params, values, strict=True)}
 
     def _not_found(self, pk: Any) -> NotFoundError:
-        return NotFoundError(
-            f"no row in {self._plan.name!r} with ({', '.join(self._plan.pk_keys)}) = {pk!r}"
-        )
+        plan = self.table_plan
+        return NotFoundError(f"no row in {plan.name!r} with ({', '.join(plan.pk_keys)}) = {pk!r}")
 
     def _missing_or_stale(
         self, pk: Any, params: dict[str, Any], expected: Any, include_deleted: bool
     ) -> Exception:
         """After an UPDATE that touched nothing: was the row gone, or at another version?"""
-        plan = self._plan
+        plan = self.table_plan
         if expected is None or plan.version is None:
             return self._not_found(pk)
         stmt = sa.select(plan.version).where(plan.by_pk, *self._visible(include_deleted))
@@ -834,25 +829,31 @@ class Repository(Generic[T]):
         with self._statement() as conn:
             return int(conn.execute(stmt, params).rowcount)
 
-    def _fast_get(self, include_deleted: bool) -> _FastGet:
-        """The driver-level get for the current engine (it declines when instrumented)."""
+    def _fast_get(self, include_deleted: bool) -> FastGet | None:
+        """The driver-level get for the current engine (it declines when instrumented), or
+        None when fast paths are off."""
+        path = self._db.driver_path()
+        if path is None:
+            return None
         fast = self._fast_gets.get(include_deleted)
-        if fast is None or fast.engine is not self._db.engine:  # first use, or reconnected
-            stmt = self._plan.get_any if include_deleted else self._plan.get_visible
-            fast = self._fast_gets[include_deleted] = _FastGet(stmt, self._plan, self._db)
+        if fast is None or fast.path is not path:  # first use, or reconnected
+            plan = self.table_plan
+            stmt = plan.get_any if include_deleted else plan.get_visible
+            keys = [(p.key, c) for p, c in zip(plan.pk_params, plan.pk, strict=True)]
+            fast = self._fast_gets[include_deleted] = FastGet(path, stmt, plan.columns, keys)
         return fast
 
     def _stream(self, stmt: sa.Select[Any], batch_size: int) -> Generator[T, None, None]:
-        make_all = self._plan.make_all
+        make_all = self.table_plan.make_all
         try:
             with self._stream_connection() as conn:
-                if _instrumented(self._db.engine):
+                if self._db.driver_path() is None or instrumented(self._db.engine):
                     options = {"yield_per": batch_size}
                     with conn.execute(stmt, execution_options=options) as result:
                         for batch in result.partitions():
                             yield from make_all(batch)
                     return
-                for rows in _driver_stream(conn, stmt, self._plan.columns, batch_size):
+                for rows in driver_stream(conn, stmt, self.table_plan.columns, batch_size):
                     yield from make_all(rows)
         except (sa_exc.DBAPIError, psycopg.Error) as exc:
             error = translate(exc, self.constraint_errors)
@@ -874,7 +875,7 @@ class Repository(Generic[T]):
             try:
                 yield conn
             except BaseException:  # GeneratorExit too: the stream was closed early
-                _rollback_or_discard(conn, transaction)
+                rollback_quietly(transaction, conn)
                 raise
             transaction.commit()
         finally:

@@ -17,7 +17,6 @@ from psycopg import sql as pgsql
 from sqlalchemy.engine import Dialect
 
 if TYPE_CHECKING:
-    from dbkit.metrics import StatementObserver
     from dbkit.repository.base import Repository
     from dbkit.repository.plan import Plan
     from dbkit.transaction import DbkitConnection
@@ -99,12 +98,12 @@ class CopyUpsert(UpsertStep):
             f"{', '.join(map(quote, names))} FROM "
             f"{conn.dialect.identifier_preparer.format_table(table)} WITH NO DATA"
         )
-        copy = CopyPlan(repo._plan, self.rows[0], self.columns, stamp=False)
+        copy = CopyPlan(repo.table_plan, self.rows[0], self.columns, stamp=False)
         copy.run(conn, self.rows, into=temp)
         source = sa.table(
             temp, *(sa.column(table.c[c].name, table.c[c].type) for c in self.columns)
         )
-        conn.execute(repo._merge_from(source, self.columns, self.keys, self.update, order=True))
+        conn.execute(repo.merge_statement(source, self.columns, self.keys, self.update, order=True))
         conn.exec_driver_sql(f"DROP TABLE {quote(temp)}")
 
 
@@ -300,14 +299,3 @@ def _copy_rows(
 
 def _mixed_rows(row: Any, expected: str) -> str:
     return f"bulk_load rows must all be {expected}, got a {type(row).__name__}"
-
-
-# The names dbkit.repository.base imported before these were public.
-_END = END
-_CopyPlan = CopyPlan
-_CopyUpsert = CopyUpsert
-_getter = tuple_getter
-_require = require_keys
-_sort_by_key = sort_by_key
-_Statement = UpsertStatement
-_UpsertStep = UpsertStep

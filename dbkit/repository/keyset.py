@@ -74,9 +74,3 @@ def after_clause(
         equal = [k == v for (k, _), v in zip(keys[:i], values[:i], strict=True)]
         alternatives.append(sa.and_(*equal, col < value if desc else col > value))
     return sa.or_(*alternatives)
-
-
-# The names dbkit.repository.base imported before these were public.
-_descending = descending
-_keys_of = keys_of
-_after_clause = after_clause

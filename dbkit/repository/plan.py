@@ -237,7 +237,3 @@ class Plan:
                 current_keys = keys
             current.append(values)
         return groups
-
-
-# The name dbkit.repository.base and .fastpath imported before it was public.
-_Plan = Plan

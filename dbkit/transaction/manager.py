@@ -1,0 +1,400 @@
+"""``Transaction`` (what ``db.transaction()`` returns) and ``TransactionManager``, which
+carries out the plans of ``TransactionState`` on a pooled connection.  See the package
+docstring for the algorithm."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from loguru import logger
+from sqlalchemy import exc as sa_exc
+
+from dbkit.connection import DbkitConnection, rollback_quietly, server_aborted
+from dbkit.errors import RetryableError, TransactionError, TransactionRolledBack, sqlstate_of
+from dbkit.fastpath.psycopg import PgConnection
+from dbkit.stats import QueryCounters
+from dbkit.transaction.options import TransactionOptions
+from dbkit.transaction.retry import as_retryable, backoff_delay, giving_up, worth_retrying
+from dbkit.transaction.state import Block, Callback, TransactionState
+
+__all__ = ["Transaction", "TransactionManager", "run_on_commit_callback"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Transaction:
+    """``db.transaction(...)``: a context manager and decorator, re-enterable (all state
+    lives in the thread's ``TransactionState``, none here)."""
+
+    __slots__ = ("_manager", "options", "retries")
+
+    def __init__(
+        self,
+        manager: TransactionManager,
+        options: TransactionOptions | None = None,
+        retries: int | None = None,
+    ) -> None:
+        if retries is not None and retries < 0:
+            raise TransactionError(f"retries must be >= 0, got {retries}")
+        self._manager = manager
+        self.options = options or TransactionOptions()
+        self.retries = retries
+
+    def __enter__(self) -> DbkitConnection:
+        if self.retries:
+            raise TransactionError(
+                "retries need a body that can run again: use @db.transaction(retries=N) on "
+                "a function, or db.run_in_transaction(fn, retries=N), not a `with` block"
+            )
+        return self._manager.enter(self)
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._manager.exit(self, exc)
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        outer = self
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if outer.retries:
+                return outer._manager.run(
+                    lambda _conn: func(*args, **kwargs),
+                    retries=outer.retries,
+                    options=outer.options,
+                )
+            with outer:
+                return func(*args, **kwargs)
+
+        return wrapper
+
+
+class _Guard:
+    """The block's side of its connection (``BlockGuard``)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: TransactionState) -> None:
+        self.state = state
+
+    def check_can_run(self) -> None:
+        self.state.check_can_run()
+
+    def statement_failed(self, conn: sa.Connection, error: BaseException) -> None:
+        if isinstance(error, TransactionError):
+            return
+        disconnect = isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+        if disconnect or server_aborted(conn):
+            self.state.statement_failed(error)
+
+
+class _Thread(TransactionState):
+    """A thread's state plus the connection and root transaction it runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conn: DbkitConnection | None = None
+        self.root: sa.RootTransaction | None = None
+        self.guard = _Guard(self)
+
+
+class TransactionManager:
+    """Owns the per-thread transaction state of one ``Database``."""
+
+    def __init__(self, checkout: Callable[[], DbkitConnection], queries: QueryCounters) -> None:
+        """``checkout``: a pooled connection for an outermost block."""
+        self._checkout = checkout
+        self._queries = queries
+        self._local = threading.local()
+
+    def _state(self) -> _Thread:
+        try:
+            state: _Thread = self._local.state
+        except AttributeError:
+            state = self._local.state = _Thread()
+        return state
+
+    # -- questions and flags ---------------------------------------------------------------
+
+    def connection(self) -> DbkitConnection | None:
+        """This thread's ambient connection, or None outside any block."""
+        state = getattr(self._local, "state", None)
+        return None if state is None else state.conn
+
+    def in_transaction(self) -> bool:
+        return self.connection() is not None
+
+    def _require_block(self, what: str) -> _Thread:
+        state = self._state()
+        if not state.blocks:
+            raise TransactionError(f"{what} only works inside a db.transaction() block")
+        return state
+
+    def get_rollback(self) -> bool:
+        return self._require_block("get_rollback()").needs_rollback
+
+    def set_rollback(self, rollback: bool) -> None:
+        """Mark (or unmark) the innermost transaction for rollback.  This is the last word on
+        the flag, so a later normal exit rolls back silently; it cannot, however, revive a
+        transaction in which a statement failed."""
+        state = self._require_block("set_rollback()")
+        state.set_rollback(bool(rollback), aborted=not rollback and server_aborted(state.conn))
+
+    def on_commit(self, func: Callable[[], Any], robust: bool = False) -> None:
+        if not callable(func):
+            raise TypeError("on_commit()'s callback must be a callable")
+        state = self._state()
+        if state.conn is None or (state.testing and not state.blocks):
+            run_on_commit_callback(func, robust)
+        else:
+            state.register(func, robust)
+
+    # -- enter -----------------------------------------------------------------------------
+
+    def enter(self, tx: Transaction) -> DbkitConnection:
+        state = self._state()
+        conn = state.conn
+        if conn is None:
+            return self._begin(state, tx)
+        default = (conn.dialect.default_isolation_level or "READ COMMITTED").replace("_", " ")
+        commands = state.enter_nested(tx, tx.options, default.upper())
+        if commands:
+            try:
+                conn.send_commands(commands)
+            except BaseException:
+                # Never leave a half-opened block behind: its `with` will not exit it.
+                self._undo(state, state.undo_enter(state.blocks[-1]), None)
+                raise
+        return conn
+
+    def _begin(self, state: _Thread, tx: Transaction) -> DbkitConnection:
+        conn = self._checkout()
+        options = tx.options
+        commands = state.begin(tx, options)
+        try:
+            driver = conn.connection.driver_connection
+            # The BEGIN (and the block's SET LOCAL) go out now, their answer is read with
+            # the first statement's: the round trip overlaps with the Python work between.
+            sent = isinstance(driver, PgConnection) and driver.send_begin(
+                options.isolation, options.readonly, commands
+            )
+            if not sent:
+                settings: dict[str, Any] = {}
+                if options.isolation is not None:
+                    settings["isolation_level"] = options.isolation
+                if options.readonly is not None:
+                    # psycopg sends BEGIN READ ONLY / BEGIN ISOLATION LEVEL …: no extra trip.
+                    settings["postgresql_readonly"] = options.readonly
+                if settings:
+                    conn.execution_options(**settings)
+            root = conn.begin()
+            state.conn, state.root = conn, root
+            conn.guard = state.guard
+            if commands and not sent:
+                conn.send_commands(commands)
+        except BaseException:
+            if state.root is not None:
+                rollback_quietly(state.root, conn)
+            self._release(state, conn)
+            raise
+        return conn
+
+    # -- exit ------------------------------------------------------------------------------
+
+    def exit(self, tx: Transaction, exc: BaseException | None) -> None:
+        state = self._state()
+        block = state.pop(tx)
+        if exc is None and state.can_commit and server_aborted(state.conn):
+            # A statement failed where dbkit could not see it (e.g. on the raw driver
+            # connection) and PostgreSQL aborted the transaction: never try to commit it.
+            state.statement_failed(
+                TransactionError(
+                    "a statement failed outside dbkit's view; PostgreSQL reports the "
+                    "transaction as aborted"
+                )
+            )
+        if state.blocks or state.testing:
+            self._exit_nested(state, block, exc)
+            return
+        try:
+            self._exit_outermost(state, exc)
+        except Exception as error:
+            retryable = as_retryable(error)
+            if retryable is None:
+                raise
+            raise retryable from error
+        if isinstance(exc, Exception):
+            retryable = as_retryable(exc)
+            if retryable is not None:
+                raise retryable from exc
+
+    def _exit_nested(self, state: _Thread, block: Block, exc: BaseException | None) -> None:
+        plan = state.exit_nested(block, exc)
+        if plan.rolls_back is not None:
+            self._undo(state, plan, exc)
+        elif plan.commands:
+            assert state.conn is not None
+            try:
+                state.conn.send_commands(plan.commands)
+            except sa_exc.DBAPIError as error:
+                # Django's rule: a failed RELEASE falls back to ROLLBACK TO + RELEASE; if
+                # even that fails, the enclosing transaction is beyond repair.
+                if block.savepoint is not None:
+                    self._undo(state, state.exit_nested(block, error), error)
+                raise
+        if plan.rolled_back:
+            raise TransactionRolledBack(
+                "the transaction block was rolled back to its savepoint because an error "
+                "marked it for rollback; its work was not saved"
+            ) from plan.cause
+
+    def _undo(self, state: _Thread, plan: Any, cause: BaseException | None) -> None:
+        """Send a plan's ROLLBACK TO + RELEASE and record how it went."""
+        savepoint = plan.rolls_back
+        if savepoint is None:
+            return
+        assert state.conn is not None
+        try:
+            state.conn.send_commands(plan.commands)
+        except sa_exc.DBAPIError as error:
+            state.rollback_to_failed(savepoint, plan.cause or cause, error)
+        else:
+            state.rolled_back_to(savepoint)
+
+    def _exit_outermost(self, state: _Thread, exc: BaseException | None) -> None:
+        conn, root = state.conn, state.root
+        assert conn is not None and root is not None
+        plan = state.exit_outermost(exc)
+        callbacks: list[Callback] = []
+        try:
+            if plan.commands == ["COMMIT"]:
+                self._commit(conn, root)
+                self._queries.transaction("committed")
+                callbacks = state.callbacks
+            else:
+                self._queries.transaction("rolled_back")
+                rollback_quietly(root, conn)
+                if plan.rolled_back:
+                    raise TransactionRolledBack(
+                        "the transaction was rolled back because an error marked it for "
+                        "rollback; nothing was committed"
+                    ) from plan.cause
+        finally:
+            self._release(state, conn)
+        for _, func, robust in callbacks:
+            run_on_commit_callback(func, robust)
+
+    def _commit(self, conn: DbkitConnection, root: sa.RootTransaction) -> None:
+        try:
+            root.commit()
+        except sa_exc.DBAPIError as error:
+            rollback_quietly(root, conn)
+            if error.connection_invalidated:
+                # COMMIT may or may not have reached the server: never guess, never retry.
+                raise TransactionError(
+                    "the connection was lost during COMMIT; whether the transaction "
+                    "committed is unknown"
+                ) from error
+            raise
+
+    def _release(self, state: _Thread, conn: DbkitConnection) -> None:
+        state.conn = state.root = None
+        state.reset()
+        conn.guard = None
+        conn.close()
+
+    # -- retries ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        func: Callable[[DbkitConnection], R],
+        *,
+        retries: int,
+        options: TransactionOptions,
+    ) -> R:
+        """Run ``func(conn)`` in an outermost transaction, re-running the whole transaction
+        on serialization failure, deadlock, or a connection lost before COMMIT."""
+        state = self._state()
+        # Under dbkit.testing's outer transaction the application's outermost block is a
+        # savepoint: a retry rolls back to it and runs the whole block again.
+        if state.conn is not None and not (state.testing and not state.blocks):
+            raise TransactionError(
+                "a retried transaction must be the outermost one: re-running it inside an "
+                "open transaction would repeat only part of the work"
+            )
+        attempt = 0
+        while True:
+            try:
+                with Transaction(self, options) as conn:
+                    return func(conn)
+            except Exception as error:
+                if not worth_retrying(error):
+                    raise
+                if attempt >= retries:
+                    cause = error.__cause__ if isinstance(error, RetryableError) else error
+                    raise giving_up(error, attempt + 1) from cause
+                attempt += 1
+                self._queries.transaction("retried")
+                delay = backoff_delay(attempt)
+                logger.bind(attempt=attempt, sqlstate=sqlstate_of(error)).info(
+                    "retrying transaction (attempt {}) in {:.3f}s after {}",
+                    attempt,
+                    delay,
+                    type(error).__name__,
+                )
+                time.sleep(delay)
+
+    # -- for dbkit.testing -----------------------------------------------------------------
+
+    def in_test_transaction(self) -> bool:
+        """Whether this thread runs inside a test fixture's adopted transaction."""
+        state = getattr(self._local, "state", None)
+        return state is not None and state.testing
+
+    def open_blocks(self) -> int:
+        """How many ``db.transaction()`` blocks this thread has entered and not exited."""
+        state = getattr(self._local, "state", None)
+        return 0 if state is None else len(state.blocks)
+
+    def queued_on_commit(self) -> list[Callback]:
+        """This thread's queued on_commit entries ``(savepoint ids, func, robust)``, oldest
+        first: a copy of the list, whose entries are stable objects (compare with ``is``)."""
+        state = getattr(self._local, "state", None)
+        return [] if state is None else list(state.callbacks)
+
+    @contextmanager
+    def adopt(self, conn: DbkitConnection) -> Iterator[None]:
+        """Make ``conn`` (with a transaction already begun by a test fixture) this thread's
+        ambient connection: every block inside runs as a savepoint, durable ones included,
+        and the fixture rolls everything back at the end."""
+        state = self._state()
+        if state.conn is not None:
+            raise TransactionError("a transaction is already open in this thread")
+        state.conn = conn
+        state.testing = True
+        conn.guard = state.guard
+        try:
+            yield
+        finally:
+            conn.guard = None
+            state.conn = None
+            state.testing = False
+            state.reset()
+
+
+def run_on_commit_callback(func: Callable[[], Any], robust: bool) -> None:
+    """Run one on_commit callback as after a real commit (robust: log a failure)."""
+    if not robust:
+        func()
+        return
+    try:
+        func()
+    except Exception as error:
+        name = getattr(func, "__qualname__", repr(func))
+        logger.opt(exception=error).error("on_commit callback {} failed", name)

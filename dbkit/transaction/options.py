@@ -1,0 +1,58 @@
+"""``TransactionOptions``: what one ``db.transaction(...)`` asks for, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dbkit.errors import TransactionError
+
+__all__ = ["TransactionOptions", "normalize_isolation"]
+
+_ISOLATION_LEVELS = {
+    "serializable": "SERIALIZABLE",
+    "repeatable read": "REPEATABLE READ",
+    "repeatable_read": "REPEATABLE READ",
+    "read committed": "READ COMMITTED",
+    "read_committed": "READ COMMITTED",
+    "read uncommitted": "READ UNCOMMITTED",
+    "read_uncommitted": "READ UNCOMMITTED",
+}
+
+
+def normalize_isolation(value: str | None) -> str | None:
+    """``"repeatable_read"`` → ``"REPEATABLE READ"``; an unknown level is an error."""
+    if value is None:
+        return None
+    level = _ISOLATION_LEVELS.get(value.strip().lower())
+    if level is None:
+        raise TransactionError(
+            f"unknown isolation level {value!r}; use one of: serializable, repeatable read, "
+            "read committed, read uncommitted"
+        )
+    return level
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionOptions:
+    """The options of a block.  ``readonly`` and ``isolation`` None mean "inherit" (the
+    enclosing block's, or the server's default for the outermost one)."""
+
+    savepoint: bool = True
+    durable: bool = False
+    readonly: bool | None = None
+    isolation: str | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        timeout = self.timeout
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise TransactionError(f"timeout must be a positive number of seconds, got {timeout}")
+        object.__setattr__(self, "isolation", normalize_isolation(self.isolation))
+
+    @property
+    def timeout_sql(self) -> str | None:
+        """The timeout as a ``statement_timeout`` value, e.g. ``'1500ms'``."""
+        if self.timeout is None:
+            return None
+        return f"'{max(1, round(self.timeout * 1000))}ms'"
