@@ -89,6 +89,10 @@ class PolicyHooks:
 
     def checked_out(self, record: ConnectionPoolEntry) -> None:
         self.counters.checked_out()
+        self.check(record)
+
+    def check(self, record: ConnectionPoolEntry) -> None:
+        """Close ``record``'s connection if it expired or died (see ``check_reused``)."""
         if record.dbapi_connection is not None:
             check_reused(record, self.policy, self.counters)
 
@@ -186,7 +190,8 @@ def _ping(conn: psycopg.Connection[Any]) -> bool:
 
 class CountingQueuePool(QueuePool):
     """``QueuePool`` through its public API only: times the checkouts that must wait for a
-    connection (every slot taken) for Go's ``WaitCount`` / ``WaitDuration``."""
+    connection (every slot taken) for Go's ``WaitCount`` / ``WaitDuration``, and hands
+    connections out in transaction mode (``FastQueuePool.connect``'s twin)."""
 
     hooks: PolicyHooks | None = None
     max_open = 0  # pool_size + max_overflow; 0 = unlimited
@@ -194,14 +199,25 @@ class CountingQueuePool(QueuePool):
     def connect(self) -> PoolProxiedConnection:
         hooks = self.hooks
         if hooks is None or not self.max_open or self.checkedout() < self.max_open:
-            return super().connect()
-        started = time.monotonic()
-        try:
             fairy = super().connect()
-        except sa_exc.TimeoutError:
-            hooks.waited(time.monotonic() - started, timed_out=True)
-            raise
-        hooks.waited(time.monotonic() - started, timed_out=False)
+        else:
+            started = time.monotonic()
+            try:
+                fairy = super().connect()
+            except sa_exc.TimeoutError:
+                hooks.waited(time.monotonic() - started, timed_out=True)
+                raise
+            hooks.waited(time.monotonic() - started, timed_out=False)
+        dbapi_conn = fairy.dbapi_connection
+        if dbapi_conn is not None and dbapi_conn.autocommit:
+            # Left in autocommit by Database.autocommit(); SQLAlchemy's transactions rely
+            # on the driver's implicit BEGIN.
+            try:
+                dbapi_conn.autocommit = False
+            except BaseException:
+                fairy.invalidate()
+                fairy.close()
+                raise
         return fairy
 
     def recreate(self) -> QueuePool:
@@ -282,10 +298,12 @@ def _install_checkout_events(engine: Engine, hooks: PolicyHooks) -> None:
             # Closed by the sweeper after the pool handed it out: connect afresh.
             raise sa_exc.DisconnectionError("pooled connection was closed by the sweeper")
         before = record.dbapi_connection
-        hooks.checked_out(record)
+        hooks.check(record)
         if record.dbapi_connection is not before:
-            # Closed by the checks: SQLAlchemy opens a new connection on this error.
+            # Closed by the checks: SQLAlchemy opens a new connection on this error and
+            # checks out again, so this attempt is not counted.
             raise sa_exc.DisconnectionError("pooled connection was closed at checkout")
+        hooks.counters.checked_out()
 
     @event.listens_for(engine, "checkin")
     def on_checkin(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
