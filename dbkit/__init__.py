@@ -35,7 +35,7 @@ from dbkit.settings import (
     parse_duration,
 )
 from dbkit.stats import PoolStats
-from dbkit.transaction import DbkitConnection, Transaction
+from dbkit.transaction import DbkitConnection, Transaction, TransactionOptions
 
 # A library stays silent until the application asks for its logs (configure_logging).
 _logger.disable("dbkit")
@@ -69,6 +69,7 @@ __all__ = [
     "Transaction",
     "TransactionBroken",
     "TransactionError",
+    "TransactionOptions",
     "TransactionRolledBack",
     "__version__",
     "configure_logging",

@@ -135,20 +135,9 @@ class DbkitConnection(sa.Connection):
             )
 
         def scalar(self, statement, parameters=None, *, execution_options=None):
-            if execution_options is None and self.fast:
-                return self._guarded(self._scalar_fast, statement, parameters)
-            return self._guarded(
-                lambda s, p: sa.Connection.scalar(self, s, p, execution_options=execution_options),
-                statement,
-                parameters,
-            )
-
-        def _scalar_fast(self, statement, parameters):
-            try:
-                result = execute_direct(self, statement, parameters)
-            except Declined:
-                return sa.Connection.scalar(self, statement, parameters)
-            return result.scalar()
+            # Observed as the statement it runs: reading a scalar of a result without rows
+            # (ResourceClosedError) is the caller's mistake, not a failed statement.
+            return self.execute(statement, parameters, execution_options=execution_options).scalar()
 
 
 def connection_class(observer: StatementObserver | None, fast: bool) -> type[DbkitConnection]:

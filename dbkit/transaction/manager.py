@@ -47,6 +47,13 @@ class Transaction:
         self.options = options or TransactionOptions()
         self.retries = retries
 
+    # The options as attributes, as before TransactionOptions held them.
+    savepoint = property(lambda self: self.options.savepoint)
+    durable = property(lambda self: self.options.durable)
+    readonly = property(lambda self: self.options.readonly)
+    isolation = property(lambda self: self.options.isolation)
+    timeout = property(lambda self: self.options.timeout)
+
     def __enter__(self) -> DbkitConnection:
         if self.retries:
             raise TransactionError(
