@@ -12,6 +12,8 @@ pg_server    (session)  the started LocalPostgres shared by the whole run
 pg_noproc    (session)  pytest-postgresql on top of pg_server: builds the template database
 postgresql   (function) psycopg connection to a fresh database cloned from the template
 db_url       (function) SQLAlchemy URL (str) of that per-test database
+db           (function) a connected dbkit.Database on it; in BOTH_PATHS modules once with
+                        the fast paths and once with the public API only (ids fast/public)
 make_server  (function) factory for private servers for fault tests; all stopped at teardown
 free_port    (function) a 127.0.0.1 port with nothing listening
 """
@@ -30,6 +32,7 @@ import pytest
 from pytest_postgresql import factories
 from sqlalchemy.engine import URL
 
+from dbkit import fastpath
 from dbkit.database import Database
 from dbkit.local import LocalPostgres
 
@@ -136,10 +139,36 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------------------
 
 
+# Test modules whose `db` runs both ways: with dbkit's fast paths (SQLAlchemy's and psycopg's
+# private API, dbkit.fastpath) and with the public API only, which must behave the same.
+BOTH_PATHS = ("test_transaction", "test_repository", "test_pool", "test_database")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    only_fast = metafunc.definition.get_closest_marker("fast_path") is not None
+    if "fast_paths" in metafunc.fixturenames and module.startswith(BOTH_PATHS) and not only_fast:
+        metafunc.parametrize("fast_paths", [True, False], ids=["fast", "public"], indirect=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``fast_path`` test checks a fast path itself: nothing to check when they are off."""
+    if item.get_closest_marker("fast_path") is not None and not fastpath.enabled():
+        pytest.skip(f"fast paths are switched off ({fastpath.ENV_SWITCH}=0)")
+
+
 @pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
+def fast_paths(request: pytest.FixtureRequest) -> bool:
+    """Whether ``db`` may use the fast paths (``DBKIT_FAST_PATHS=0`` still wins)."""
+    return bool(getattr(request, "param", True))
+
+
+@pytest.fixture
+def db(db_url: str, fast_paths: bool) -> Iterator[Database]:
     """A connected ``dbkit.Database`` on this test's fresh database, closed afterwards."""
-    database = Database.from_url(db_url, max_open_conns=10, max_idle_conns=5).connect()
+    database = Database.from_url(
+        db_url, max_open_conns=10, max_idle_conns=5, fast_paths=fast_paths
+    ).connect()
     try:
         yield database
     finally:

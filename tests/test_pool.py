@@ -41,9 +41,11 @@ def psycopg_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
 
-def test_open_and_idle_caps_hold_under_concurrency(db_url: str) -> None:
+def test_open_and_idle_caps_hold_under_concurrency(db_url: str, fast_paths: bool) -> None:
     app = "caps-test"
-    db = Database.from_url(db_url, max_open_conns=3, max_idle_conns=1, application_name=app)
+    db = Database.from_url(
+        fast_paths=fast_paths, url=db_url, max_open_conns=3, max_idle_conns=1, application_name=app
+    )
     db.connect()
     seen_open: list[int] = []
     seen_server: list[int] = []
@@ -78,8 +80,10 @@ def test_open_and_idle_caps_hold_under_concurrency(db_url: str) -> None:
     assert db.stats().open_connections == 0
 
 
-def test_exhausted_pool_raises_pool_timeout_with_limits(db_url: str) -> None:
-    db = Database.from_url(db_url, max_open_conns=1, max_idle_conns=1, timeout=0.3).connect()
+def test_exhausted_pool_raises_pool_timeout_with_limits(db_url: str, fast_paths: bool) -> None:
+    db = Database.from_url(
+        fast_paths=fast_paths, url=db_url, max_open_conns=1, max_idle_conns=1, timeout=0.3
+    ).connect()
     errors: list[BaseException] = []
     try:
         with db.transaction():
@@ -104,7 +108,7 @@ def test_exhausted_pool_raises_pool_timeout_with_limits(db_url: str) -> None:
         db.close()
 
 
-def test_interrupted_wait_does_not_lose_the_connection(db_url: str) -> None:
+def test_interrupted_wait_does_not_lose_the_connection(db_url: str, fast_paths: bool) -> None:
     """Ctrl-C while waiting for a connection (a signal handler raising in the main thread):
     the connection released afterwards must go back to the pool, not to the gone waiter."""
 
@@ -115,7 +119,9 @@ def test_interrupted_wait_does_not_lose_the_connection(db_url: str) -> None:
         raise Interrupted
 
     # A lost connection would make the last checkout below time out after 3 s.
-    db = Database.from_url(db_url, max_open_conns=1, max_idle_conns=1, timeout=3).connect()
+    db = Database.from_url(
+        fast_paths=fast_paths, url=db_url, max_open_conns=1, max_idle_conns=1, timeout=3
+    ).connect()
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -143,10 +149,15 @@ def test_interrupted_wait_does_not_lose_the_connection(db_url: str) -> None:
         db.close()
 
 
-def test_idle_connections_are_evicted_and_counted(db_url: str) -> None:
+def test_idle_connections_are_evicted_and_counted(db_url: str, fast_paths: bool) -> None:
     app = "idle-test"
     db = Database.from_url(
-        db_url, max_open_conns=4, max_idle_conns=4, conn_max_idle_time=0.2, application_name=app
+        fast_paths=fast_paths,
+        url=db_url,
+        max_open_conns=4,
+        max_idle_conns=4,
+        conn_max_idle_time=0.2,
+        application_name=app,
     ).connect()
     try:
         # Two connections at once, both returned to the pool.
@@ -172,8 +183,10 @@ def test_idle_connections_are_evicted_and_counted(db_url: str) -> None:
         db.close()
 
 
-def test_lifetime_recycles_connections_and_counts(db_url: str) -> None:
-    db = Database.from_url(db_url, conn_max_lifetime=0.3, conn_max_idle_time=0).connect()
+def test_lifetime_recycles_connections_and_counts(db_url: str, fast_paths: bool) -> None:
+    db = Database.from_url(
+        fast_paths=fast_paths, url=db_url, conn_max_lifetime=0.3, conn_max_idle_time=0
+    ).connect()
     try:
         first = db.scalar("SELECT pg_backend_pid()")
         assert db.scalar("SELECT pg_backend_pid()") == first  # reused while young
@@ -187,8 +200,10 @@ def test_lifetime_recycles_connections_and_counts(db_url: str) -> None:
         db.close()
 
 
-def test_max_idle_conns_zero_keeps_no_idle_connection(db_url: str) -> None:
-    db = Database.from_url(db_url, max_open_conns=2, max_idle_conns=0).connect()
+def test_max_idle_conns_zero_keeps_no_idle_connection(db_url: str, fast_paths: bool) -> None:
+    db = Database.from_url(
+        fast_paths=fast_paths, url=db_url, max_open_conns=2, max_idle_conns=0
+    ).connect()
     try:
         db.scalar("SELECT 1")
         db.scalar("SELECT 1")
@@ -199,9 +214,13 @@ def test_max_idle_conns_zero_keeps_no_idle_connection(db_url: str) -> None:
         db.close()
 
 
-def test_terminated_idle_connections_are_replaced_transparently(db_url: str) -> None:
+def test_terminated_idle_connections_are_replaced_transparently(
+    db_url: str, fast_paths: bool
+) -> None:
     app = "terminate-idle"
-    db = Database.from_url(db_url, max_open_conns=3, max_idle_conns=3, application_name=app)
+    db = Database.from_url(
+        fast_paths=fast_paths, url=db_url, max_open_conns=3, max_idle_conns=3, application_name=app
+    )
     db.connect()
     try:
         barrier = threading.Barrier(3)
@@ -228,9 +247,11 @@ def test_terminated_idle_connections_are_replaced_transparently(db_url: str) -> 
         db.close()
 
 
-def test_server_restart_is_invisible_to_the_next_checkout(make_server) -> None:  # type: ignore[no-untyped-def]
+def test_server_restart_is_invisible_to_the_next_checkout(make_server, fast_paths: bool) -> None:  # type: ignore[no-untyped-def]
     server = make_server()
-    db = Database.from_url(server.url, max_open_conns=3, max_idle_conns=3).connect()
+    db = Database.from_url(
+        fast_paths=fast_paths, url=server.url, max_open_conns=3, max_idle_conns=3
+    ).connect()
     try:
         pids = set()
         barrier = threading.Barrier(3)
@@ -255,9 +276,9 @@ def test_server_restart_is_invisible_to_the_next_checkout(make_server) -> None: 
         db.close()
 
 
-def test_health_reports_a_down_server_and_recovers(make_server) -> None:  # type: ignore[no-untyped-def]
+def test_health_reports_a_down_server_and_recovers(make_server, fast_paths: bool) -> None:  # type: ignore[no-untyped-def]
     server = make_server()
-    db = Database.from_url(server.url, timeout=1).connect()
+    db = Database.from_url(fast_paths=fast_paths, url=server.url, timeout=1).connect()
     try:
         assert db.health().ok
         server.stop()
@@ -271,9 +292,9 @@ def test_health_reports_a_down_server_and_recovers(make_server) -> None:  # type
         db.close()
 
 
-def test_connection_killed_mid_transaction(db_url: str) -> None:
+def test_connection_killed_mid_transaction(db_url: str, fast_paths: bool) -> None:
     app = "kill-mid-tx"
-    db = Database.from_url(db_url, application_name=app).connect()
+    db = Database.from_url(fast_paths=fast_paths, url=db_url, application_name=app).connect()
     try:
         db.execute("CREATE TABLE items (id int primary key)")
         with pytest.raises(dbkit.RetryableError) as info, db.transaction() as conn:
