@@ -155,3 +155,32 @@ def test_forked_child_never_reuses_the_parents_connection(db: Database) -> None:
     # The parent's pooled connection survived the child's exit untouched.
     assert db.scalar("SELECT pg_backend_pid()") == parent_pid
     assert db.stats().invalidated == 0
+
+
+def test_textual_statements_outside_a_transaction(db: Database) -> None:
+    """``text()`` is what batch scripts write: the same rows, keys and rowcounts on either
+    path (with fast paths on, it runs on the driver, one round trip)."""
+    db.execute("CREATE TABLE kv (k text primary key, v int)")
+    inserted = db.execute(sa.text("INSERT INTO kv VALUES (:k, 1), ('b', 2)"), {"k": "a"})
+    assert inserted.rowcount == 2 and inserted.returns_rows is False
+    with pytest.raises(sa.exc.ResourceClosedError):
+        inserted.all()
+    result = db.execute(
+        sa.text("SELECT k, v AS value, v FROM kv WHERE v >= :v ORDER BY k"), {"v": 1}
+    )
+    assert list(result.keys()) == ["k", "value", "v"]
+    rows = result.all()
+    assert [tuple(r) for r in rows] == [("a", 1, 1), ("b", 2, 2)]
+    assert rows[1].value == 2 and rows[0]._mapping["k"] == "a"
+    updated = db.execute(sa.text("UPDATE kv SET v = v + 10 WHERE k = :k"), {"k": "b"})
+    assert updated.rowcount == 1
+    assert db.scalar(sa.text("SELECT v FROM kv WHERE k = :k"), {"k": "b"}) == 12
+    assert db.scalar(sa.text("SELECT v FROM kv WHERE k = 'none'")) is None
+    with pytest.raises(sa.exc.ResourceClosedError):
+        db.scalar(sa.text("DELETE FROM kv WHERE k = 'a'"))
+    assert db.execute(sa.text("SELECT count(*) AS n FROM kv")).one().n == 1
+    with pytest.raises(sa.exc.ProgrammingError):
+        db.execute(sa.text("SELECT no_such_column FROM kv"))
+    assert db.stats().in_use == 0
+    stats = db.query_stats()
+    assert stats.errors == 1

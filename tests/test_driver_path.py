@@ -172,3 +172,13 @@ def test_repository_get_takes_the_same_turns(heroes_db: Database) -> None:
             event.remove(heroes_db.engine, "checkout", on_checkout)
     assert plain == watched == {"id": 1, "name": "tintin!", "score": 1.5}
     assert calls == 1 and len(checkouts) == 1
+
+
+def test_text_runs_on_the_driver(db: Database, driver_calls: dict[str, int]) -> None:
+    """A textual SELECT with bound parameters, and a textual write with its rowcount."""
+    db.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY, name text)"))
+    assert db.execute(sa.text("INSERT INTO t VALUES (:id, 'x')"), {"id": 1}).rowcount == 1
+    row = db.execute(sa.text("SELECT id, name FROM t WHERE id = :id"), {"id": 1}).one()
+    assert row.name == "x" and row.id == 1
+    assert db.scalar(sa.text("SELECT name FROM t WHERE id = :id"), {"id": 1}) == "x"
+    assert driver_calls == {"rows": 3, "scalar": 1}
