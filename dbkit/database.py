@@ -30,7 +30,8 @@ from dbkit.errors import (
     TransactionError,
     is_transient,
 )
-from dbkit.fastpath.sqlalchemy import Declined, DriverPath
+from dbkit.fastpath.driver import DriverPath
+from dbkit.fastpath.sqlalchemy import Declined
 from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired

@@ -1,5 +1,5 @@
 """Statements outside a transaction run on the pooled psycopg connection itself (dbkit's
-driver path, ``dbkit.fastpath.sqlalchemy.DriverPath``) once SQLAlchemy has compiled them
+driver path, ``dbkit.fastpath.driver.DriverPath``) once SQLAlchemy has compiled them
 and described their result: the same rows, keys, type processing, errors and metrics as
 SQLAlchemy's path, and SQLAlchemy's path whenever someone listens to its events."""
 
@@ -15,7 +15,8 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from dbkit import Database
-from dbkit.fastpath.sqlalchemy import Declined, DriverPath, FastGet
+from dbkit.fastpath.driver import DriverPath, FastGet
+from dbkit.fastpath.sqlalchemy import Declined
 from dbkit.repository import Repository
 
 # What this module checks is the fast path itself; the rest of the suite covers

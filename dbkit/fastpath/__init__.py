@@ -10,9 +10,11 @@ names the two libraries do not promise to keep (``_compile_w_cache``, ``_do_get`
                        statement's (``PgConnection``)
 ``pool``               the pool's checkout and return paths with dbkit's policy inside
                        them, a hand-off idle queue, pool entries without the proxy
-``sqlalchemy``         statements run from SQLAlchemy's compiled cache straight on the
-                       driver: outside a transaction (``DriverPath``), inside one
-                       (``execute_direct``), ``repo.get`` and ``repo.stream``
+``sqlalchemy``         a statement inside a block run from SQLAlchemy's compiled cache
+                       without the event dispatch nobody listens to (``execute_direct``);
+                       bind parameters for ``repo.stream``'s server-side cursor
+``driver``             statements outside a transaction (``DriverPath``) and ``repo.get``
+                       (``FastGet``) on a pooled psycopg connection, one round trip
 =====================  =================================================================
 
 Every shortcut has a public-API twin outside this package that gives the same results,

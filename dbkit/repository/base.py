@@ -26,7 +26,8 @@ from dbkit.errors import (
     TransactionBroken,
     translate,
 )
-from dbkit.fastpath.sqlalchemy import Declined, FastGet, instrumented
+from dbkit.fastpath.driver import FastGet
+from dbkit.fastpath.sqlalchemy import Declined, instrumented
 from dbkit.repository import bulk
 from dbkit.repository.bulk import (
     DEFAULT_UPSERT_CHUNK,
