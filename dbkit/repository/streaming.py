@@ -51,17 +51,21 @@ def driver_stream(
     driver = conn.connection.driver_connection
     assert driver is not None
     started = time.perf_counter()
-    declared = False
+    observed = False
     try:
         with driver.cursor(name=f"dbkit_stream_{next(_cursor_names)}") as cursor:
+            # Observed once, with the first batch: as SQLAlchemy's yield_per path, whose
+            # execute() fetches the first rows, so both count the same statements and errors.
             cursor.execute(sql, params)
-            declared = True
+            rows = cursor.fetchmany(batch_size)
+            observed = True
             _observe(conn, started, None, sql, params)
             processors = result_processors(columns, cursor.description or (), dialect)
-            while rows := cursor.fetchmany(batch_size):
+            while rows:
                 yield processed(rows, processors) if processors else rows
+                rows = cursor.fetchmany(batch_size)
     except psycopg.Error as error:
         wrapped = wrap_driver_error(conn, error, sql, params)
-        if not declared:  # metrics count statements, as DbkitConnection does
+        if not observed:
             _observe(conn, started, wrapped, sql, params)
         raise wrapped from error
