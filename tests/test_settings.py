@@ -176,6 +176,22 @@ def test_precedence_default_then_env_section_then_env_var(
     assert pg.port == 5432 and pg.sslmode == "verify-full"
 
 
+def test_fast_paths_setting_from_file_and_environment(
+    files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings("production", files).database.postgres.fast_paths is True
+    write(
+        files[0].with_name("settings.local.toml"),
+        "[default.database.postgres]\nfast_paths = false\n",
+    )
+    assert load_settings("production", files).database.postgres.fast_paths is False
+    monkeypatch.setenv("DBKIT_DATABASE__POSTGRES__FAST_PATHS", "true")
+    assert load_settings("production", files).database.postgres.fast_paths is True
+    monkeypatch.setenv("DBKIT_DATABASE__POSTGRES__FAST_PATHS", "sometimes")
+    with pytest.raises(ConfigError, match="fast_paths"):
+        load_settings("production", files)
+
+
 def test_env_section_merges_key_by_key(files: list[Path]) -> None:
     pg = load_settings("production", files).database.postgres
     # [production] sets only host and sslmode; everything else is [default]'s or the default.
