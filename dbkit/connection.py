@@ -99,15 +99,18 @@ class DbkitConnection(sa.Connection):
         return observer.run(method, statement, args[:1], self.dialect, statement, *args)
 
     def _guarded(self, method: Callable[..., R], statement: Any, *args: Any) -> R:
-        """Every statement of the application passes here."""
+        """Every statement of the application passes here (the hot path: kept flat)."""
         guard = self.guard
-        if guard is None:
-            return self._observed(method, statement, *args)
-        guard.check_can_run()
+        if guard is not None:
+            guard.check_can_run()
+        observer = self.observer
         try:
-            return self._observed(method, statement, *args)
+            if observer is None:
+                return method(statement, *args)
+            return observer.run(method, statement, args[:1], self.dialect, statement, *args)
         except Exception as error:
-            guard.statement_failed(self, error)
+            if guard is not None:
+                guard.statement_failed(self, error)
             raise
 
     if not TYPE_CHECKING:  # same signatures as sqlalchemy.Connection for type checkers

@@ -9,8 +9,6 @@ import pytest
 from dbkit.errors import TransactionBroken, TransactionError
 from dbkit.transaction import Status, TransactionOptions, TransactionState
 
-RC = "READ COMMITTED"
-
 
 class Owner:
     """Stands for the Transaction that enters a block."""
@@ -24,7 +22,7 @@ def opened(**options: object) -> tuple[TransactionState, list[str]]:
 
 def nested(state: TransactionState, **options: object) -> tuple[object, list[str]]:
     owner = Owner()
-    commands = state.enter_nested(owner, TransactionOptions(**options), RC)  # type: ignore[arg-type]
+    commands = state.enter_nested(owner, TransactionOptions(**options))  # type: ignore[arg-type]
     return owner, commands
 
 
@@ -72,7 +70,7 @@ def test_failed_statement_aborts_until_a_savepoint_revives_the_transaction() -> 
     state, _ = opened()
     owner, _ = nested(state)
     failure = RuntimeError("duplicate key")
-    state.statement_failed(failure)
+    state.aborted_by(failure)
     assert state.status is Status.ABORTED and state.needs_rollback
     with pytest.raises(TransactionBroken) as broken:
         state.check_can_run()
@@ -93,7 +91,7 @@ def test_set_rollback_true_is_silent_and_false_cannot_revive_an_aborted_transact
 
     state, _ = opened()
     failure = RuntimeError("syntax error")
-    state.statement_failed(failure)
+    state.aborted_by(failure)
     state.set_rollback(False, aborted=True)
     assert state.needs_rollback is False and state.status is Status.ABORTED_UNMARKED
     plan = state.exit_outermost(None)
@@ -113,7 +111,7 @@ def test_exception_leaving_a_block_without_savepoint_marks_the_enclosing_one() -
 
 def test_no_savepoint_is_taken_once_the_transaction_cannot_commit() -> None:
     state, _ = opened()
-    state.statement_failed(RuntimeError("x"))
+    state.aborted_by(RuntimeError("x"))
     _, commands = nested(state)
     assert commands == []
     with pytest.raises(TransactionBroken):

@@ -82,33 +82,23 @@ class Transaction:
         return wrapper
 
 
-class _Guard:
-    """The block's side of its connection (``BlockGuard``)."""
-
-    __slots__ = ("state",)
-
-    def __init__(self, state: TransactionState) -> None:
-        self.state = state
-
-    def check_can_run(self) -> None:
-        self.state.check_can_run()
-
-    def statement_failed(self, conn: sa.Connection, error: BaseException) -> None:
-        if isinstance(error, TransactionError):
-            return
-        disconnect = isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
-        if disconnect or server_aborted(conn):
-            self.state.statement_failed(error)
-
-
 class _Thread(TransactionState):
-    """A thread's state plus the connection and root transaction it runs on."""
+    """A thread's state plus the connection and root transaction it runs on; also the
+    guard of that connection (``BlockGuard``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conn: DbkitConnection | None = None
         self.root: sa.RootTransaction | None = None
-        self.guard = _Guard(self)
+
+    def statement_failed(self, conn: sa.Connection, error: BaseException) -> None:
+        """A statement on ``conn`` failed: when it broke the transaction (PostgreSQL
+        aborted it, or the connection is gone), no further statement may run."""
+        if isinstance(error, TransactionError):
+            return
+        disconnect = isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+        if disconnect or server_aborted(conn):
+            self.aborted_by(error)
 
 
 class TransactionManager:
@@ -169,8 +159,7 @@ class TransactionManager:
         conn = state.conn
         if conn is None:
             return self._begin(state, tx)
-        default = (conn.dialect.default_isolation_level or "READ COMMITTED").replace("_", " ")
-        commands = state.enter_nested(tx, tx.options, default.upper())
+        commands = state.enter_nested(tx, tx.options)
         if commands:
             try:
                 conn.send_commands(commands)
@@ -202,7 +191,8 @@ class TransactionManager:
                     conn.execution_options(**settings)
             root = conn.begin()
             state.conn, state.root = conn, root
-            conn.guard = state.guard
+            state.server_isolation = conn.dialect.default_isolation_level or "READ COMMITTED"
+            conn.guard = state
             if commands and not sent:
                 conn.send_commands(commands)
         except BaseException:
@@ -220,7 +210,7 @@ class TransactionManager:
         if exc is None and state.can_commit and server_aborted(state.conn):
             # A statement failed where dbkit could not see it (e.g. on the raw driver
             # connection) and PostgreSQL aborted the transaction: never try to commit it.
-            state.statement_failed(
+            state.aborted_by(
                 TransactionError(
                     "a statement failed outside dbkit's view; PostgreSQL reports the "
                     "transaction as aborted"
@@ -385,7 +375,8 @@ class TransactionManager:
             raise TransactionError("a transaction is already open in this thread")
         state.conn = conn
         state.testing = True
-        conn.guard = state.guard
+        state.server_isolation = conn.dialect.default_isolation_level or "READ COMMITTED"
+        conn.guard = state
         try:
             yield
         finally:

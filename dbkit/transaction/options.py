@@ -48,7 +48,8 @@ class TransactionOptions:
         timeout = self.timeout
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise TransactionError(f"timeout must be a positive number of seconds, got {timeout}")
-        object.__setattr__(self, "isolation", normalize_isolation(self.isolation))
+        if self.isolation is not None:
+            object.__setattr__(self, "isolation", normalize_isolation(self.isolation))
 
     @property
     def timeout_sql(self) -> str | None:

@@ -68,6 +68,8 @@ class TransactionState:
 
     def __init__(self) -> None:
         self.testing = False  # a test fixture's outer transaction stands in for BEGIN
+        # The server's default isolation level (the dialect's), for blocks that ask for one.
+        self.server_isolation = "READ COMMITTED"
         self.reset()
 
     def reset(self) -> None:
@@ -123,7 +125,7 @@ class TransactionState:
         else:
             self.status, self.cause = Status.ACTIVE, None
 
-    def statement_failed(self, error: BaseException) -> None:
+    def aborted_by(self, error: BaseException) -> None:
         """A statement failed and PostgreSQL aborted the transaction (or the connection is
         gone): nothing more can run until a savepoint before it is rolled back to."""
         if self.status in (Status.ACTIVE, Status.ROLLBACK_ONLY, Status.ABORTED_UNMARKED):
@@ -144,9 +146,7 @@ class TransactionState:
         self.blocks.append(block)
         return self._set_timeout(block)
 
-    def enter_nested(
-        self, owner: object, options: TransactionOptions, default_isolation: str
-    ) -> list[str]:
+    def enter_nested(self, owner: object, options: TransactionOptions) -> list[str]:
         """A block inside an open transaction: checks, then SAVEPOINT and the block's
         settings.  Raises before anything changes when the block is not allowed."""
         app_outermost = self.testing and not self.blocks
@@ -159,7 +159,7 @@ class TransactionState:
             raise TransactionError(
                 "a durable transaction block cannot be nested within another transaction block"
             )
-        current = self.isolation or default_isolation
+        current = self.isolation or self.server_isolation.replace("_", " ").upper()
         if options.isolation is not None and options.isolation != current:
             raise TransactionError(
                 f"isolation {options.isolation!r} differs from the enclosing transaction's "
@@ -168,7 +168,7 @@ class TransactionState:
         if options.readonly is False and self.readonly:
             raise TransactionError("a read-write block cannot be nested in a read-only block")
         make_readonly = bool(options.readonly) and not self.readonly
-        if not self.can_commit and (make_readonly or options.timeout is not None):
+        if self.status is not Status.ACTIVE and (make_readonly or options.timeout is not None):
             # Both need a statement, and none can run until the broken block ends.
             raise TransactionBroken(
                 "cannot open a read-only or timed block: an error occurred earlier in this "
@@ -180,7 +180,7 @@ class TransactionState:
             )
         block = Block(owner, options)
         commands = []
-        if options.savepoint and self.can_commit:
+        if options.savepoint and self.status is Status.ACTIVE:
             self.savepoint_counter += 1
             block.savepoint = f"dbkit_sp_{self.savepoint_counter}"
             commands.append(f"SAVEPOINT {block.savepoint}")
@@ -194,9 +194,10 @@ class TransactionState:
         return commands
 
     def _set_timeout(self, block: Block) -> list[str]:
-        value = block.options.timeout_sql
-        if value is None:
+        if block.options.timeout is None:
             return []
+        value = block.options.timeout_sql
+        assert value is not None
         block.restore_timeout = self.timeout or "DEFAULT"
         self.timeout = value
         return [f"SET LOCAL statement_timeout = {value}"]
@@ -225,7 +226,7 @@ class TransactionState:
     def exit_nested(self, block: Block, exc: BaseException | None) -> Exit:
         """Leaving a nested block: RELEASE, or ROLLBACK TO + RELEASE, or (no savepoint)
         passing the failure on to the enclosing block."""
-        if exc is None and self.can_commit:
+        if exc is None and self.status is Status.ACTIVE:
             commands = [f"RELEASE SAVEPOINT {block.savepoint}"] if block.savepoint else []
             if block.restore_timeout is not None:
                 commands.append(f"SET LOCAL statement_timeout = {block.restore_timeout}")
@@ -266,7 +267,7 @@ class TransactionState:
     def exit_outermost(self, exc: BaseException | None) -> Exit:
         """Leaving the outermost block: COMMIT (no commands: the root transaction commits)
         or ROLLBACK, and whether to report the rollback."""
-        if exc is None and self.can_commit:
+        if exc is None and self.status is Status.ACTIVE:
             return Exit(["COMMIT"])
         silent = exc is None and self.status is Status.ROLLBACK_ONLY
         return Exit(["ROLLBACK"], rolled_back=exc is None and not silent, cause=self.cause)
