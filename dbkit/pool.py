@@ -35,7 +35,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-from dbkit.fastpath.pool import FastQueuePool, idle_entries
+from dbkit.fastpath.pool import FastQueuePool, idle_entries, in_transaction_mode, timed_wait
 from dbkit.stats import PoolCounters
 
 __all__ = [
@@ -200,25 +200,10 @@ class CountingQueuePool(QueuePool):
         hooks = self.hooks
         if hooks is None or not self.max_open or self.checkedout() < self.max_open:
             fairy = super().connect()
-        else:
-            started = time.monotonic()
-            try:
-                fairy = super().connect()
-            except sa_exc.TimeoutError:
-                hooks.waited(time.monotonic() - started, timed_out=True)
-                raise
-            hooks.waited(time.monotonic() - started, timed_out=False)
-        dbapi_conn = fairy.dbapi_connection
-        if dbapi_conn is not None and dbapi_conn.autocommit:
-            # Left in autocommit by Database.autocommit(); SQLAlchemy's transactions rely
-            # on the driver's implicit BEGIN.
-            try:
-                dbapi_conn.autocommit = False
-            except BaseException:
-                fairy.invalidate()
-                fairy.close()
-                raise
-        return fairy
+        else:  # every slot taken: this checkout waits for a connection to come back
+            fairy = timed_wait(hooks, super().connect)
+        # Left in autocommit by Database.autocommit().
+        return in_transaction_mode(fairy)
 
     def recreate(self) -> QueuePool:
         pool = super().recreate()

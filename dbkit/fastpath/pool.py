@@ -15,16 +15,23 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, QueuePool
 from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util import queue as sqla_queue
 
-__all__ = ["FastQueuePool", "HandoffQueue", "PoolHooks", "idle_entries"]
+__all__ = [
+    "FastQueuePool",
+    "HandoffQueue",
+    "PoolHooks",
+    "idle_entries",
+    "in_transaction_mode",
+    "timed_wait",
+]
 
 
 class PoolHooks(Protocol):
@@ -144,28 +151,11 @@ class FastQueuePool(QueuePool):
         # The only blocking branch of QueuePool._do_get: every slot taken, none idle.
         if not (self._max_overflow > -1 and self._overflow >= self._max_overflow):
             return super()._do_get()
-        started = time.monotonic()
-        try:
-            record = super()._do_get()
-        except sa_exc.TimeoutError:
-            hooks.waited(time.monotonic() - started, timed_out=True)
-            raise
-        hooks.waited(time.monotonic() - started, timed_out=False)
-        return record
+        return timed_wait(hooks, super()._do_get)
 
     def connect(self) -> PoolProxiedConnection:
-        fairy = super().connect()
-        dbapi_conn = fairy.dbapi_connection
-        if dbapi_conn is not None and dbapi_conn.autocommit:
-            # Left in autocommit by the driver path (checkout_entry); SQLAlchemy's
-            # transactions rely on the driver's implicit BEGIN.
-            try:
-                dbapi_conn.autocommit = False
-            except BaseException:
-                fairy.invalidate()
-                fairy.close()
-                raise
-        return fairy
+        # Left in autocommit by the driver path (checkout_entry).
+        return in_transaction_mode(super().connect())
 
     def checkout_entry(self) -> ConnectionPoolEntry:
         """A pool entry with a live connection, without the ``_ConnectionFairy`` proxy that
@@ -212,6 +202,38 @@ class FastQueuePool(QueuePool):
         """What SQLAlchemy does on a disconnect: every connection made before now is
         recycled at its next checkout (the server may have restarted)."""
         self._invalidate_time = time.time()
+
+
+T = TypeVar("T")
+
+
+def timed_wait(hooks: PoolHooks, take: Callable[[], T]) -> T:
+    """``take()`` a connection that has to be waited for, telling ``hooks`` how long it took
+    and whether it timed out (Go's ``WaitCount`` / ``WaitDuration``).  Public API only."""
+    started = time.monotonic()
+    try:
+        taken = take()
+    except sa_exc.TimeoutError:
+        hooks.waited(time.monotonic() - started, timed_out=True)
+        raise
+    hooks.waited(time.monotonic() - started, timed_out=False)
+    return taken
+
+
+def in_transaction_mode(fairy: PoolProxiedConnection) -> PoolProxiedConnection:
+    """``fairy`` with its driver connection out of autocommit, as SQLAlchemy's transactions
+    need (they rely on the driver's implicit BEGIN); a connection that cannot be switched
+    is discarded.  Public API only: dbkit leaves connections in autocommit after a
+    statement outside a transaction, and every pool hands them out through here."""
+    dbapi_conn = fairy.dbapi_connection
+    if dbapi_conn is not None and dbapi_conn.autocommit:
+        try:
+            dbapi_conn.autocommit = False
+        except BaseException:
+            fairy.invalidate()
+            fairy.close()
+            raise
+    return fairy
 
 
 @contextmanager
