@@ -5,6 +5,7 @@ from loguru import logger as _logger
 from dbkit.database import Database
 from dbkit.errors import (
     CircuitOpenError,
+    CommitOutcomeUnknown,
     ConfigError,
     ConflictError,
     ConnectError,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
+    "CommitOutcomeUnknown",
     "ConfigError",
     "ConflictError",
     "ConnectError",

@@ -15,6 +15,7 @@ import sqlalchemy.exc as sa_exc
 
 __all__ = [
     "CircuitOpenError",
+    "CommitOutcomeUnknown",
     "ConfigError",
     "ConflictError",
     "ConnectError",
@@ -129,6 +130,17 @@ class TransactionBroken(TransactionError):
 
 class TransactionRolledBack(TransactionError):
     """The block ended normally but its work was rolled back, because an error marked it."""
+
+
+class CommitOutcomeUnknown(TransactionError):
+    """The connection was lost while COMMIT was in flight and dbkit could not find out what
+    happened (the server stayed unreachable, or still reported the transaction in progress,
+    until ``timeout`` ran out).  Never retried automatically: the work may have committed.
+    ``xid`` is the transaction's 64-bit id when it was known, for ``pg_xact_status(xid)``."""
+
+    def __init__(self, message: str, *, xid: int | None = None) -> None:
+        super().__init__(message)
+        self.xid = xid
 
 
 class RetryableError(DbkitError):

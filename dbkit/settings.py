@@ -53,6 +53,7 @@ DEFAULT_ENV = "development"
 KNOWN_ENVS = ("development", "testing", "production")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+RESETS = ("rollback", "discard")
 
 _PG = "database.postgres"
 _LOG = "log"
@@ -177,6 +178,8 @@ class PostgresConfig:
     breaker_recovery_timeout: float = 30.0  # open this long before one probe is let through
     leak_detection_threshold: float = 0.0  # warn about connections held longer; 0 = off
     fast_paths: bool = True  # false: SQLAlchemy's and psycopg's public API only (dbkit.fastpath)
+    resolve_commit_outcome: bool = True  # a COMMIT lost in flight is resolved by pg_xact_status
+    reset_on_return: str = "rollback"  # "rollback" | "discard" (DISCARD ALL on return)
 
     def __post_init__(self) -> None:
         problems, failed = _coerce_fields(self, _PG)
@@ -200,6 +203,15 @@ class PostgresConfig:
                 # libpq reads its connection string as a C string: everything after a NUL
                 # would be dropped silently (host, port, sslmode…), connecting elsewhere.
                 problems.append(f"{_PG}.{f.name}: must not contain a NUL character")
+        if ok("reset_on_return"):
+            reset = self.reset_on_return.strip().lower()
+            if reset in RESETS:
+                object.__setattr__(self, "reset_on_return", reset)
+            else:
+                problems.append(
+                    f"{_PG}.reset_on_return: {self.reset_on_return!r} is not one of "
+                    f"{', '.join(RESETS)}"
+                )
         if ok("port") and not 1 <= self.port <= 65535:
             problems.append(f"{_PG}.port: {self.port} is not between 1 and 65535")
         if ok("sslmode"):
