@@ -53,3 +53,12 @@ def bench(session: nox.Session) -> None:
     SQLAlchemy 2 beside dbkit in this one environment)."""
     session.install("-e", ".[test,bench]")
     session.run("python", "-m", "tests.bench", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def chaos(session: nox.Session) -> None:
+    """`nox -s chaos -- --seconds 120 --no-restarts`: arguments go to `python -m tests.chaos`,
+    a bank-transfer soak through a fault proxy (cuts, lost COMMITs, terminated backends,
+    server restarts) that checks dbkit never reports a commit wrongly."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.chaos", "--seconds", "40", *session.posargs)
