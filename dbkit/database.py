@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import backoff
+import psycopg
 import sqlalchemy as sa
 from loguru import logger
 from sqlalchemy import exc as sa_exc
@@ -27,7 +28,6 @@ from dbkit.errors import (
     ConnectError,
     DbkitError,
     PoolTimeoutError,
-    TransactionError,
     is_transient,
 )
 from dbkit.fastpath.driver import DriverPath
@@ -36,8 +36,10 @@ from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired
 from dbkit.resilience import CircuitBreaker
+from dbkit.retrying import RetryPolicy
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
 from dbkit.transaction import Transaction, TransactionManager, TransactionOptions
+from dbkit.transaction.outcome import Outcome, resolve_commit
 
 if TYPE_CHECKING:
     from typing import Self
@@ -100,7 +102,12 @@ class Database:
             config.breaker_recovery_timeout,
             name=config.safe_dsn(),
         )
-        self._transactions = TransactionManager(self.checkout, self._queries)
+        self._transactions = TransactionManager(
+            self.checkout,
+            self._queries,
+            policy=self._retry_policy(),
+            resolve=self._resolve_commit if config.resolve_commit_outcome else None,
+        )
         self._leaks = (
             LeakDetector(config.leak_detection_threshold)
             if config.leak_detection_threshold > 0
@@ -291,6 +298,49 @@ class Database:
         except (sa_exc.TimeoutError, sa_exc.DBAPIError) as error:
             raise self._checkout_error(error) from error
 
+    def _retry_policy(self, reruns: int = 0) -> RetryPolicy:
+        """The connect policy as a ``RetryPolicy``: how long to wait for the database."""
+        config = self._config
+        return RetryPolicy(
+            reruns=reruns,
+            outage_tries=config.max_retries,
+            outage_delay=config.retry_delay,
+            max_outage_delay=max(_MAX_CONNECT_DELAY, config.retry_delay),
+        )
+
+    def _resolve_commit(self, xid: int) -> Outcome | None:
+        """What became of transaction ``xid`` whose COMMIT was lost (see
+        ``dbkit.transaction.outcome``): asked on a fresh connection, the server waited
+        for with the connect policy, "in progress" for up to ``timeout``."""
+        return resolve_commit(
+            xid, self._xact_status, patience=self._config.timeout, outage=self._retry_policy()
+        )
+
+    def _xact_status(self, xid: int) -> str | None:
+        """``pg_xact_status(xid)`` on a pooled connection (not counted as a statement)."""
+        with self.autocommit() as conn:
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            query = (
+                "SELECT pg_xact_status(%s::text::xid8)"
+                if driver.info.server_version >= 130000
+                else "SELECT txid_status(%s::bigint)"
+            )
+            try:
+                with psycopg.Cursor(driver) as cursor:
+                    row = cursor.execute(query, (str(xid),)).fetchone()
+            except psycopg.errors.InvalidParameterValue as error:
+                if "in the future" in str(error):
+                    # The server never recorded that id (a crash before it reached the
+                    # WAL): that transaction cannot have committed.
+                    return "aborted"
+                raise
+            except psycopg.Error as error:
+                if driver.broken or driver.closed:
+                    conn.invalidate(error)
+                raise
+        return None if row is None else row[0]
+
     def execute(
         self,
         statement: Statement,
@@ -366,6 +416,7 @@ class Database:
         isolation: str | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        retry_timeout: float | None = None,
     ) -> Transaction: ...
 
     def transaction(
@@ -379,21 +430,35 @@ class Database:
         isolation: str | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        retry_timeout: float | None = None,
     ) -> Transaction | Callable[..., R]:
         """A transaction block: ``with db.transaction() as conn``, ``@db.transaction`` or
-        ``@db.transaction(...)``.  Outermost → BEGIN/COMMIT; nested → SAVEPOINT."""
+        ``@db.transaction(...)``.  Outermost → BEGIN/COMMIT; nested → SAVEPOINT.
+        ``retries=N`` (decorator only) re-runs the whole function up to N times on a
+        failure that running it again may cure; ``retry_timeout`` caps the whole run
+        (alone, it allows re-runs until then)."""
         options = TransactionOptions(savepoint, durable, readonly, isolation, timeout)
-        tx = Transaction(self._transactions, options, retries)
+        tx = Transaction(self._transactions, options, retries, retry_timeout)
         return tx if func is None else tx(func)
 
     def run_in_transaction(
-        self, func: Callable[[DbkitConnection], R], retries: int = 3, **options: Any
+        self,
+        func: Callable[[DbkitConnection], R],
+        retries: int = 3,
+        *,
+        retry_timeout: float | None = None,
+        **options: Any,
     ) -> R:
         """``func(conn)`` in an outermost transaction, re-run whole on serialization failure
-        (40001), deadlock (40P01) or a connection lost before COMMIT."""
-        if retries < 0:
-            raise TransactionError(f"retries must be >= 0, got {retries}")
-        return self._transactions.run(func, retries=retries, options=TransactionOptions(**options))
+        (40001), deadlock (40P01), lock timeout (55P03), an aborted or lost COMMIT, or a
+        connection lost before COMMIT; waiting out an unreachable database with the
+        connect policy, without spending ``retries``."""
+        return self._transactions.run(
+            func,
+            retries=retries,
+            options=TransactionOptions(**options),
+            retry_timeout=retry_timeout,
+        )
 
     def on_commit(self, func: Callable[[], Any], robust: bool = False) -> None:
         self._transactions.on_commit(func, robust)

@@ -35,6 +35,7 @@ from dbkit.pool import CountingQueuePool, PoolPolicy, install_pool_events
 from dbkit.resilience import CircuitBreaker
 from dbkit.settings import PostgresConfig
 from dbkit.stats import PoolCounters
+from dbkit.xact import XactConnection
 
 __all__ = ["connect_args", "create_engine", "fast_paths", "pool_policy"]
 
@@ -135,13 +136,17 @@ _fast_engines: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictiona
 
 def _install_connect(engine: Engine, breaker: CircuitBreaker | None, fast: bool) -> None:
     """New physical connections are made through the breaker when it is on (reused pooled
-    connections are not: they need no server handshake); with fast paths on, they are
-    ``PgConnection``s, which can have a BEGIN in flight."""
+    connections are not: they need no server handshake).  They are ``XactConnection``s,
+    which know whether their transaction wrote; with fast paths on, ``PgConnection``s,
+    which can also have a BEGIN in flight."""
 
     @event.listens_for(engine, "do_connect")
     def connect(dialect: Any, record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]) -> Any:
         dbapi = dialect.loaded_dbapi
-        make = PgConnection.connect if fast and dbapi is psycopg else dbapi.connect
+        if dbapi is psycopg:
+            make = (PgConnection if fast else XactConnection).connect
+        else:
+            make = dbapi.connect
         if breaker is None:
             return make(*cargs, **cparams)
         with breaker.guard():

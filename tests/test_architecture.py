@@ -33,6 +33,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "dbkit.progress",
             "dbkit.schema",
             "dbkit.admin",
+            "dbkit.xact",
+            "dbkit.retrying",
         },
     ),
     ("seam", {"dbkit.fastpath"}),

@@ -222,17 +222,21 @@ def test_restart_during_a_transaction_batch_loses_and_duplicates_nothing(
         db.close()
 
 
-def test_run_in_transaction_uses_its_retries_while_the_server_is_unreachable(
+def test_run_in_transaction_waits_for_an_unreachable_server_without_spending_retries(
     server: LocalPostgres,
 ) -> None:
-    """A transaction whose connection is lost is re-run (documented); a re-run that cannot
-    even get a connection because the server is momentarily away (refused, shutting down,
-    starting up: transient, and nothing was sent) must count as one more failed attempt and
-    be retried within ``retries``, not end the loop at the first re-run.  (In the restart
-    test above, nearly every failure is of this kind: the re-run's checkout met "the
-    database system is shutting down" and ``retries=5`` ended after one re-run.)"""
+    """A transaction whose connection is lost is re-run (one of its ``retries``); a re-run
+    that cannot even get a connection because the server is away (refused, shutting down,
+    starting up: nothing was sent) waits with the connect policy (``max_retries`` waits)
+    instead of spending ``retries``, and gives up with the ConnectError when the server
+    stays away past that budget."""
     db = Database.from_url(
-        server.url, timeout=2, breaker_failure_threshold=0, health_check_interval=0
+        server.url,
+        timeout=2,
+        max_retries=2,
+        retry_delay=0.05,
+        breaker_failure_threshold=0,
+        health_check_interval=0,
     ).connect()
     calls: list[int] = []
 
@@ -244,15 +248,66 @@ def test_run_in_transaction_uses_its_retries_while_the_server_is_unreachable(
         conn.exec_driver_sql("SELECT 1")
 
     try:
-        with pytest.raises(dbkit.DbkitError) as info:
+        with pytest.raises(ConnectError) as info:
             db.run_in_transaction(work, retries=3)
         assert dbkit.is_transient(info.value)
         assert len(calls) == 1  # no re-run could start: the server never came back
-        retried = db.query_stats().transactions_retried
-        assert retried == 3, (
-            f"run_in_transaction(retries=3) gave up after {retried} re-run(s) with "
-            f"{type(info.value).__name__}: {info.value}"
-        )
+        # One re-run was spent on the lost connection; the waits for the server were not.
+        assert db.query_stats().transactions_retried == 1
+    finally:
+        db.close()
+
+
+def test_run_in_transaction_rides_out_a_restart_longer_than_its_retries(
+    server: LocalPostgres,
+) -> None:
+    """retries=1 with the server down for longer than one re-run's backoff: the re-run
+    waits for the server (connect policy) and then succeeds, exactly once."""
+    db = Database.from_url(
+        server.url,
+        timeout=2,
+        max_retries=8,
+        retry_delay=0.1,
+        breaker_failure_threshold=0,
+        health_check_interval=0,
+    ).connect()
+    with db.transaction() as conn:
+        # The test server runs with synchronous_commit=off; a crash could lose this.
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
+        conn.exec_driver_sql("CREATE TABLE ridden (k int)")
+    calls: list[int] = []
+    stopped, restarted = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def restart() -> None:
+        try:
+            server.kill()  # stop() would delete the module's temporary cluster
+            stopped.set()
+            time.sleep(1.0)  # longer than a re-run's backoff (20 ms here)
+            server.start()
+            restarted.set()
+        except BaseException as error:
+            errors.append(error)
+            stopped.set()
+
+    restarter = threading.Thread(target=restart)
+
+    def work(conn: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            restarter.start()
+            assert stopped.wait(60)
+        # First run: the connection is gone; the re-run meets a refused connect first.
+        conn.exec_driver_sql("INSERT INTO ridden VALUES (1)")
+
+    try:
+        db.run_in_transaction(work, retries=1)
+        restarter.join(timeout=60)
+        assert not errors
+        assert restarted.is_set()
+        assert len(calls) == 2
+        assert db.scalar("SELECT count(*) FROM ridden") == 1
+        assert db.query_stats().transactions_retried == 1
     finally:
         db.close()
 

@@ -20,7 +20,7 @@ from loguru import logger
 from sqlalchemy import exc as sa_exc
 
 import dbkit
-from dbkit import Database, TransactionError, TransactionRolledBack
+from dbkit import Database, RetryableError, TransactionError, TransactionRolledBack
 from dbkit.errors import sqlstate_of
 
 
@@ -275,8 +275,9 @@ class TestOnCommit:
     def test_hooks_cleared_on_connection_loss(self, db: Database, hooks: Hooks) -> None:
         # Django closes the connection in the block (close_pool) and reconnects.  Here the
         # block's server session is terminated from another connection; its COMMIT cannot
-        # happen, its callbacks never run, and the next block starts clean.
-        with pytest.raises(TransactionError) as lost, db.transaction() as conn:
+        # happen (pg_xact_status says aborted, or the link fails before COMMIT is sent: the
+        # block may run again), its callbacks never run, and the next block starts clean.
+        with pytest.raises(RetryableError) as lost, db.transaction() as conn:
             hooks.do(1)
             pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
             with db.engine.connect() as other:
@@ -569,23 +570,54 @@ class TestRetries:
         hooks.assert_done([2])
         assert db.stats().in_use == 0
 
-    def test_lost_connection_during_commit_is_not_retried(self, db: Database, hooks: Hooks) -> None:
-        # Whether a COMMIT that never answered took effect is unknown: never re-run.
+    def test_lost_connection_during_commit_is_not_retried_without_resolution(
+        self, db: Database, hooks: Hooks
+    ) -> None:
+        # With resolve_commit_outcome off, whether a COMMIT that never answered took
+        # effect is unknown: never re-run.
+        runs: list[int] = []
+        blind = Database(db.config.replace(resolve_commit_outcome=False)).connect()
+        blind_hooks = Hooks(blind)
+
+        def fn(conn: sa.Connection) -> None:
+            runs.append(1)
+            blind_hooks.do(1)
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            with db.engine.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+
+        try:
+            with pytest.raises(dbkit.CommitOutcomeUnknown) as unknown:
+                blind.run_in_transaction(fn, retries=5)
+            assert unknown.value.xid is None
+            assert isinstance(unknown.value.__cause__, sa_exc.DBAPIError)
+            assert runs == [1]
+            blind_hooks.assert_done([])
+            assert blind.stats().in_use == 0
+        finally:
+            blind.close()
+
+    def test_connection_lost_before_commit_took_effect_is_run_again_once(
+        self, db: Database, hooks: Hooks
+    ) -> None:
+        # The session dies before its COMMIT could take effect: pg_xact_status reports the
+        # transaction aborted (or the link fails before COMMIT leaves), so it runs again,
+        # and its work and callbacks happen exactly once.
         runs: list[int] = []
 
         def fn(conn: sa.Connection) -> None:
             runs.append(1)
             hooks.do(1)
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-            with db.engine.connect() as other:
-                other.execute(sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+            if len(runs) == 1:
+                pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+                with db.engine.connect() as other:
+                    other.execute(
+                        sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}
+                    )
 
-        with pytest.raises(TransactionError) as unknown:
-            db.run_in_transaction(fn, retries=5)
-        assert not isinstance(unknown.value, dbkit.RetryableError)
-        assert isinstance(unknown.value.__cause__, sa_exc.DBAPIError)
-        assert runs == [1]
-        hooks.assert_done([])
+        db.run_in_transaction(fn, retries=5)
+        assert runs == [1, 1]
+        hooks.assert_done([1])
         assert db.stats().in_use == 0
 
     @pytest.mark.parametrize("form", FORMS)

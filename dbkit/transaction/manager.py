@@ -4,24 +4,37 @@ docstring for the algorithm."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from loguru import logger
 from sqlalchemy import exc as sa_exc
 
 from dbkit.connection import DbkitConnection, rollback_quietly, server_aborted
-from dbkit.errors import RetryableError, TransactionError, TransactionRolledBack, sqlstate_of
+from dbkit.errors import (
+    RetryableError,
+    TransactionError,
+    TransactionRolledBack,
+    sqlstate_of,
+)
 from dbkit.fastpath.psycopg import PgConnection
+from dbkit.retrying import Attempts, Failure, RetryPolicy, next_wait
 from dbkit.stats import QueryCounters
 from dbkit.transaction.options import TransactionOptions
-from dbkit.transaction.retry import as_retryable, backoff_delay, giving_up, worth_retrying
+from dbkit.transaction.outcome import Outcome, settle_lost_commit
+from dbkit.transaction.retry import as_retryable, classify, giving_up, server_became_read_only
 from dbkit.transaction.state import Block, Callback, TransactionState
+from dbkit.xact import XactConnection
 
 __all__ = ["Transaction", "TransactionManager", "run_on_commit_callback"]
 
@@ -33,19 +46,24 @@ class Transaction:
     """``db.transaction(...)``: a context manager and decorator, re-enterable (all state
     lives in the thread's ``TransactionState``, none here)."""
 
-    __slots__ = ("_manager", "options", "retries")
+    __slots__ = ("_manager", "options", "retries", "retry_timeout")
 
     def __init__(
         self,
         manager: TransactionManager,
         options: TransactionOptions | None = None,
         retries: int | None = None,
+        retry_timeout: float | None = None,
     ) -> None:
-        if retries is not None and retries < 0:
-            raise TransactionError(f"retries must be >= 0, got {retries}")
+        check_retries(retries, retry_timeout)
         self._manager = manager
         self.options = options or TransactionOptions()
         self.retries = retries
+        self.retry_timeout = retry_timeout
+
+    @property
+    def retried(self) -> bool:
+        return bool(self.retries) or self.retry_timeout is not None
 
     # The options as attributes, as before TransactionOptions held them.
     savepoint = property(lambda self: self.options.savepoint)
@@ -55,7 +73,7 @@ class Transaction:
     timeout = property(lambda self: self.options.timeout)
 
     def __enter__(self) -> DbkitConnection:
-        if self.retries:
+        if self.retried:
             raise TransactionError(
                 "retries need a body that can run again: use @db.transaction(retries=N) on "
                 "a function, or db.run_in_transaction(fn, retries=N), not a `with` block"
@@ -70,16 +88,26 @@ class Transaction:
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            if outer.retries:
+            if outer.retried:
                 return outer._manager.run(
                     lambda _conn: func(*args, **kwargs),
                     retries=outer.retries,
                     options=outer.options,
+                    retry_timeout=outer.retry_timeout,
                 )
             with outer:
                 return func(*args, **kwargs)
 
         return wrapper
+
+
+def check_retries(retries: int | None, retry_timeout: float | None) -> None:
+    if retries is not None and retries < 0:
+        raise TransactionError(f"retries must be >= 0, got {retries}")
+    if retry_timeout is not None and not (math.isfinite(retry_timeout) and retry_timeout > 0):
+        raise TransactionError(
+            f"retry_timeout must be a positive number of seconds, got {retry_timeout}"
+        )
 
 
 class _Thread(TransactionState):
@@ -90,6 +118,10 @@ class _Thread(TransactionState):
         super().__init__()
         self.conn: DbkitConnection | None = None
         self.root: sa.RootTransaction | None = None
+        # The driver connection noting the transaction's writes (commit outcome), if any.
+        self.xact: XactConnection | None = None
+        # The connection must not go back to the pool (its server became read-only).
+        self.discard = False
 
     def statement_failed(self, conn: sa.Connection, error: BaseException) -> None:
         """A statement on ``conn`` failed: when it broke the transaction (PostgreSQL
@@ -104,10 +136,21 @@ class _Thread(TransactionState):
 class TransactionManager:
     """Owns the per-thread transaction state of one ``Database``."""
 
-    def __init__(self, checkout: Callable[[], DbkitConnection], queries: QueryCounters) -> None:
-        """``checkout``: a pooled connection for an outermost block."""
+    def __init__(
+        self,
+        checkout: Callable[[], DbkitConnection],
+        queries: QueryCounters,
+        *,
+        policy: RetryPolicy | None = None,
+        resolve: Callable[[int], Outcome | None] | None = None,
+    ) -> None:
+        """``checkout``: a pooled connection for an outermost block.  ``policy``: the
+        outage waits of ``retries=`` runs (the connect policy).  ``resolve(xid)``: what
+        became of a transaction whose COMMIT was lost (None: resolution is off)."""
         self._checkout = checkout
         self._queries = queries
+        self._policy = policy or RetryPolicy()
+        self._resolve = resolve
         self._local = threading.local()
 
     def _state(self) -> _Thread:
@@ -175,6 +218,10 @@ class TransactionManager:
         commands = state.begin(tx, options)
         try:
             driver = conn.connection.driver_connection
+            # A read-only transaction has nothing to resolve if its COMMIT is lost.
+            if self._resolve and isinstance(driver, XactConnection) and not options.readonly:
+                driver.begin_tracking()
+                state.xact = driver
             # The BEGIN (and the block's SET LOCAL) go out now, their answer is read with
             # the first statement's: the round trip overlaps with the Python work between.
             sent = isinstance(driver, PgConnection) and driver.send_begin(
@@ -219,6 +266,10 @@ class TransactionManager:
         if state.blocks or state.testing:
             self._exit_nested(state, block, exc)
             return
+        if isinstance(exc, Exception) and server_became_read_only(exc, block.options):
+            # A write refused by a server that is now read-only (a standby after a
+            # failover): this connection must not be reused, and the work may run again.
+            state.discard = True
         try:
             self._exit_outermost(state, exc)
         except Exception as error:
@@ -227,7 +278,7 @@ class TransactionManager:
                 raise
             raise retryable from error
         if isinstance(exc, Exception):
-            retryable = as_retryable(exc)
+            retryable = as_retryable(exc, read_only_server=state.discard)
             if retryable is not None:
                 raise retryable from exc
 
@@ -271,7 +322,7 @@ class TransactionManager:
         callbacks: list[Callback] = []
         try:
             if plan.commands == ["COMMIT"]:
-                self._commit(conn, root)
+                self._commit(state, conn, root)
                 self._queries.transaction("committed")
                 callbacks = state.callbacks
             else:
@@ -287,23 +338,45 @@ class TransactionManager:
         for _, func, robust in callbacks:
             run_on_commit_callback(func, robust)
 
-    def _commit(self, conn: DbkitConnection, root: sa.RootTransaction) -> None:
+    def _commit(self, state: _Thread, conn: DbkitConnection, root: sa.RootTransaction) -> None:
+        xact = state.xact
+        if xact is not None:
+            try:
+                # The transaction's id must be in hand before COMMIT leaves.
+                xact.settle_transaction_id()
+            except psycopg.Error as error:
+                rollback_quietly(root, conn)
+                if not xact.broken and not xact.closed:
+                    raise
+                conn.invalidate(error)
+                # As SQLAlchemy reports a connection lost under a statement.
+                lost = sa_exc.DBAPIError.instance(
+                    None, None, error, psycopg.Error, connection_invalidated=True
+                )
+                lost.__cause__ = error
+                retryable = as_retryable(lost)
+                if retryable is None:  # (a lost connection always is)
+                    raise lost from error
+                raise retryable from lost
         try:
             root.commit()
         except sa_exc.DBAPIError as error:
             rollback_quietly(root, conn)
             if error.connection_invalidated:
-                # COMMIT may or may not have reached the server: never guess, never retry.
-                raise TransactionError(
-                    "the connection was lost during COMMIT; whether the transaction "
-                    "committed is unknown"
-                ) from error
+                settle_lost_commit(self._resolve, xact, error)  # returns when it committed
+                return
             raise
 
     def _release(self, state: _Thread, conn: DbkitConnection) -> None:
-        state.conn = state.root = None
+        xact, discard = state.xact, state.discard
+        state.conn = state.root = state.xact = None
+        state.discard = False
         state.reset()
         conn.guard = None
+        if xact is not None:
+            xact.stop_tracking()
+        if discard:
+            conn.invalidate()
         conn.close()
 
     # -- retries ---------------------------------------------------------------------------
@@ -312,11 +385,15 @@ class TransactionManager:
         self,
         func: Callable[[DbkitConnection], R],
         *,
-        retries: int,
+        retries: int | None,
         options: TransactionOptions,
+        retry_timeout: float | None = None,
     ) -> R:
         """Run ``func(conn)`` in an outermost transaction, re-running the whole transaction
-        on serialization failure, deadlock, or a connection lost before COMMIT."""
+        (up to ``retries`` times) on serialization failure, deadlock, an aborted or lost
+        COMMIT, or a connection lost before COMMIT; waiting, without spending ``retries``,
+        while the database cannot be reached; all within ``retry_timeout`` when given."""
+        check_retries(retries, retry_timeout)
         state = self._state()
         # Under dbkit.testing's outer transaction the application's outermost block is a
         # savepoint: a retry rolls back to it and runs the whole block again.
@@ -325,25 +402,32 @@ class TransactionManager:
                 "a retried transaction must be the outermost one: re-running it inside an "
                 "open transaction would repeat only part of the work"
             )
-        attempt = 0
+        reruns = retries if retries is not None else sys.maxsize
+        policy = dataclasses.replace(self._policy, reruns=reruns, deadline=retry_timeout)
+        attempts = Attempts()
+        started = time.monotonic()
         while True:
             try:
                 with Transaction(self, options) as conn:
                     return func(conn)
             except Exception as error:
-                if not worth_retrying(error):
-                    raise
-                if attempt >= retries:
+                failure = classify(error)
+                elapsed = time.monotonic() - started
+                delay = next_wait(policy, attempts, failure, elapsed, random.random())
+                if delay is None:
+                    if failure is not Failure.RERUN:
+                        raise  # not worth another run, or the database stayed away
                     cause = error.__cause__ if isinstance(error, RetryableError) else error
-                    raise giving_up(error, attempt + 1) from cause
-                attempt += 1
-                self._queries.transaction("retried")
-                delay = backoff_delay(attempt)
-                logger.bind(attempt=attempt, sqlstate=sqlstate_of(error)).info(
-                    "retrying transaction (attempt {}) in {:.3f}s after {}",
-                    attempt,
+                    raise giving_up(error, attempts.reruns + 1, elapsed, policy) from cause
+                if failure is Failure.RERUN:
+                    self._queries.transaction("retried")
+                logger.bind(
+                    attempt=attempts.reruns, sqlstate=sqlstate_of(error), failure=failure.name
+                ).info(
+                    "running the transaction again in {:.3f}s after {} ({})",
                     delay,
                     type(error).__name__,
+                    failure.value,
                 )
                 time.sleep(delay)
 

@@ -1,13 +1,15 @@
-"""Which failures re-running a whole transaction can cure, and how long to wait between runs."""
+"""Which failures re-running a whole transaction can cure (``classify``), in dbkit's terms.
+
+How long to wait, and when to stop, is ``dbkit.retrying``'s (pure) policy.
+"""
 
 from __future__ import annotations
-
-import random
 
 from sqlalchemy import exc as sa_exc
 
 from dbkit.errors import (
     CircuitOpenError,
+    CommitOutcomeUnknown,
     ConnectError,
     DbkitError,
     RetryableError,
@@ -16,24 +18,42 @@ from dbkit.errors import (
     is_transient,
     sqlstate_of,
 )
+from dbkit.retrying import Failure, RetryPolicy
+from dbkit.transaction.options import TransactionOptions
 
-__all__ = ["as_retryable", "backoff_delay", "giving_up", "worth_retrying"]
+__all__ = ["as_retryable", "classify", "giving_up", "server_became_read_only", "worth_retrying"]
 
-# SQLSTATEs after which re-running the whole transaction is the documented remedy.
-_RETRY_SQLSTATES = frozenset({"40001", "40P01"})
-_BASE_DELAY = 0.01
-_MAX_DELAY = 1.0
+# SQLSTATEs after which re-running the whole transaction is the documented remedy:
+# serialization failure, deadlock, and a lock not granted in time (NOWAIT, lock_timeout).
+_RETRY_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+_READ_ONLY_SQL_TRANSACTION = "25006"
+
+_WHAT = {
+    "40001": "serialization failure",
+    "40P01": "deadlock",
+    "55P03": "lock not available",
+    _READ_ONLY_SQL_TRANSACTION: "the server became read-only",
+}
 
 
-def worth_retrying(error: BaseException) -> bool:
-    """A serialization failure or deadlock, no connection to be had yet, or a connection
-    lost before COMMIT was sent (the server rolled the work back)."""
-    if sqlstate_of(error) in _RETRY_SQLSTATES:
-        return True
+def classify(error: BaseException) -> Failure:
+    """What a failed transaction run tells about running it again."""
+    if isinstance(error, CommitOutcomeUnknown):
+        return Failure.FINAL  # it may have committed: running it again could repeat it
     if isinstance(error, CircuitOpenError) or (
         isinstance(error, ConnectError) and is_transient(error)
     ):
-        # No connection was had, so nothing was sent: the server is restarting or busy.
+        # No connection was had, so nothing was sent: the server is restarting or away.
+        return Failure.OUTAGE
+    return Failure.RERUN if worth_retrying(error) else Failure.FINAL
+
+
+def worth_retrying(error: BaseException) -> bool:
+    """A serialization failure, deadlock or lock timeout, an aborted COMMIT, or a
+    connection lost before COMMIT was sent (the server rolled the work back)."""
+    if isinstance(error, RetryableError):
+        return True
+    if sqlstate_of(error) in _RETRY_SQLSTATES:
         return True
     cause: BaseException | None = error
     while cause is not None:
@@ -45,31 +65,36 @@ def worth_retrying(error: BaseException) -> bool:
     return False
 
 
-def as_retryable(error: Exception) -> RetryableError | None:
+def server_became_read_only(error: Exception, options: TransactionOptions) -> bool:
+    """25006 in a transaction the application did not declare read-only: the server
+    refused a write because it is read-only now (a standby after a failover)."""
+    return options.readonly is not True and sqlstate_of(error) == _READ_ONLY_SQL_TRANSACTION
+
+
+def as_retryable(error: Exception, *, read_only_server: bool = False) -> RetryableError | None:
     """The whole transaction was rolled back for a reason that running it again may cure:
     say so in dbkit's terms (the driver's error stays attached as ``__cause__``)."""
-    if isinstance(error, DbkitError) or not worth_retrying(error):
+    if isinstance(error, DbkitError) or not (read_only_server or worth_retrying(error)):
         return None
     state = sqlstate_of(error)
-    what = {"40001": "serialization failure", "40P01": "deadlock"}.get(
-        state or "", "connection lost before COMMIT"
-    )
+    what = _WHAT.get(state or "", "connection lost before COMMIT")
     return RetryableError(
         f"{what}{f' ({state})' if state else ''}: the transaction was rolled back and can be "
         "run again (db.run_in_transaction(fn, retries=N) or @db.transaction(retries=N))"
     )
 
 
-def giving_up(error: Exception, attempts: int) -> RetryableError:
-    """The error to raise when the last allowed run failed too."""
+def giving_up(
+    error: Exception, attempts: int, elapsed: float, policy: RetryPolicy
+) -> RetryableError:
+    """The error to raise when no run is left: the budget or the deadline is spent."""
     cause = error.__cause__ if isinstance(error, RetryableError) else error
-    return RetryableError(
-        f"transaction failed {attempts} time(s) with a retryable error "
-        f"({sqlstate_of(error) or type(cause).__name__}); giving up"
+    why = (
+        f"retry_timeout of {policy.deadline:g}s reached"
+        if policy.deadline is not None and elapsed >= policy.deadline
+        else f"{attempts} run(s), retries={policy.reruns}"
     )
-
-
-def backoff_delay(attempt: int) -> float:
-    """Exponential backoff with jitter (half to all of the step), capped at one second."""
-    delay = min(_MAX_DELAY, _BASE_DELAY * 2**attempt)
-    return random.uniform(delay / 2, delay)
+    return RetryableError(
+        f"transaction failed with a retryable error "
+        f"({sqlstate_of(error) or type(cause).__name__}); giving up after {why}"
+    )
