@@ -140,14 +140,16 @@ class FaultProxy:
         return len(links)
 
     def cut_after_commit(self, n: int = 1) -> None:
-        """For the next ``n`` COMMITs: forward it, then cut its connection before any reply."""
+        """For the next ``n`` COMMITs: forward it, then cut its connection before any reply.
+        Replaces what an earlier call left unused (it does not add to it)."""
         with self._lock:
-            self._cut_after += n
+            self._cut_after = n
 
     def cut_instead_of_commit(self, n: int = 1) -> None:
-        """For the next ``n`` COMMITs: cut the connection instead of forwarding it."""
+        """For the next ``n`` COMMITs: cut the connection instead of forwarding it.
+        Replaces what an earlier call left unused; wins over ``cut_after_commit``."""
         with self._lock:
-            self._cut_instead += n
+            self._cut_instead = n
 
     def disarm(self) -> None:
         """Forget COMMIT faults not used yet."""

@@ -179,6 +179,23 @@ def test_cut_after_commit_relays_no_byte_of_the_reply(
     assert wait_for(lambda: present(direct, 1))
 
 
+def test_arming_again_replaces_instead_of_adding(
+    proxy: FaultProxy,
+    direct: psycopg.Connection[Any],
+    connect: Callable[..., psycopg.Connection[Any]],
+) -> None:
+    proxy.cut_instead_of_commit()
+    proxy.cut_instead_of_commit()  # still "the next one"
+    first, second = connect(), connect()
+    first.execute("INSERT INTO t VALUES (1, 'cut')")
+    with pytest.raises(psycopg.OperationalError):
+        first.commit()
+    second.execute("INSERT INTO t VALUES (2, 'kept')")
+    second.commit()
+    assert present(direct, 2)
+    assert proxy.counters()["commits_cut_instead"] == 1
+
+
 def test_cut_instead_of_commit_rolls_back(
     proxy: FaultProxy,
     direct: psycopg.Connection[Any],

@@ -86,7 +86,8 @@ def render(result: dict[str, Any]) -> str:
         line(
             f"  {item['kind']} at {item['at']:.1f}s",
             _seconds(item["recovery"]),
-            f"(server down {item['down_for']:.2f}s)",
+            f"(server down {item['down_for']:.2f}s)"
+            + (", first commit after the run's end" if item["after_end"] else ""),
         )
     out.append("")
     out.append("unknown outcomes")

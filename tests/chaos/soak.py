@@ -137,6 +137,7 @@ class SoakResult:
                     "at": event.at,
                     "down_for": event.done - event.at,
                     "recovery": None if first is None else first - event.at,
+                    "after_end": first is not None and first >= self.elapsed,
                 }
             )
         times = [r["recovery"] for r in per_restart if r["recovery"] is not None]
