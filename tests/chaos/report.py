@@ -32,18 +32,30 @@ def render(result: dict[str, Any]) -> str:
     def line(label: str, value: object = "", extra: object = "") -> None:
         out.append(f"  {label:<38}{value!s:>10}  {extra!s}".rstrip())
 
-    restarts = "on" if opts["restarts"] else "off"
+    restarts = (
+        f"a restart every ~{opts['restart_every']:g}s (down {opts['downtime']:g}s)"
+        if opts["restarts"]
+        else "no restarts"
+    )
+    breaker = [
+        f"{name}={opts[name]:g}"
+        for name in ("breaker_failure_threshold", "breaker_recovery_timeout")
+        if opts[name] is not None
+    ]
     out.append(
         f"dbkit chaos soak: {result['elapsed']:.1f}s (calm {result['calm_seconds']:.1f}s, "
         f"faults {result['fault_seconds']:.1f}s), {opts['threads']} threads, "
-        f"{opts['accounts']} accounts, retries={opts['retries']}, restarts {restarts}, "
-        f"seed {opts['seed']}"
+        f"{opts['accounts']} accounts, retries={opts['retries']}, seed {opts['seed']}"
+    )
+    out.append(
+        f"faults: one every ~{opts['fault_every']:g}s, {restarts}; breaker: "
+        + (", ".join(breaker) or "dbkit's defaults")
     )
     out.append("")
     total = result["total"]
 
     def pct(n: int) -> str:
-        return f"{100 * n / total:.1f}%" if total else "-"
+        return f"{100 * n / total:.2f}%" if total else "-"
 
     outcomes = result["outcomes"]
     out.append("outcomes")
