@@ -73,6 +73,7 @@ def pool_policy(config: PostgresConfig) -> PoolPolicy:
         max_idle_time=config.conn_max_idle_time,
         ping_after_idle=config.ping_after_idle,
         keep_idle=config.max_idle_conns > 0,
+        reset_on_return=config.reset_on_return,
     )
 
 

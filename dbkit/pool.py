@@ -10,6 +10,10 @@
   socket has something to say while idle (the server's goodbye after
   ``pg_terminate_backend`` or a restart; looked at once it has been idle a few
   milliseconds).  A dead connection is swapped for a new one before the caller sees it.
+- session reset on return (``reset_on_return``): a rollback when a transaction is still
+  open (the default, ``"rollback"``: free for a connection that is idle), or with
+  ``"discard"`` also a ``DISCARD ALL``, so that no session state (``SET``, temporary
+  tables, advisory locks, ``LISTEN``, prepared statements …) reaches the next user.
 
 The policy lives in ``PolicyHooks``.  With fast paths on, ``dbkit.fastpath.pool``'s
 ``FastQueuePool`` calls it from its own checkout and return paths; otherwise a
@@ -26,6 +30,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -35,16 +40,26 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-from dbkit.fastpath.pool import FastQueuePool, idle_entries, in_transaction_mode, timed_wait
+from dbkit.fastpath.pool import (
+    FastQueuePool,
+    forget_prepared_statements,
+    idle_entries,
+    in_transaction_mode,
+    timed_wait,
+)
+from dbkit.settings import RESETS
 from dbkit.stats import PoolCounters
 
 __all__ = [
     "CountingQueuePool",
+    "DiscardPolicyHooks",
     "LeakDetector",
     "PolicyHooks",
     "PoolPolicy",
+    "discard_all",
     "evict_expired",
     "install_pool_events",
+    "policy_hooks",
 ]
 
 # psycopg_pool shortens each connection's lifetime by up to 5% at random; pgx does the same
@@ -62,7 +77,9 @@ _POLLIN = getattr(select, "POLLIN", 1)
 
 
 class PoolPolicy:
-    """The Go-style limits the pool enforces; plain numbers, 0 meaning "off"."""
+    """The Go-style limits the pool enforces; plain numbers, 0 meaning "off".  And how a
+    returned connection is reset: ``"rollback"`` (of an open transaction only) or
+    ``"discard"`` (that, then ``DISCARD ALL``)."""
 
     def __init__(
         self,
@@ -71,11 +88,15 @@ class PoolPolicy:
         max_idle_time: float,
         ping_after_idle: float,
         keep_idle: bool,
+        reset_on_return: str = "rollback",
     ) -> None:
+        if reset_on_return not in RESETS:
+            raise ValueError(f"reset_on_return: {reset_on_return!r} is not one of {RESETS}")
         self.max_lifetime = max_lifetime
         self.max_idle_time = max_idle_time
         self.ping_after_idle = ping_after_idle
         self.keep_idle = keep_idle
+        self.reset_on_return = reset_on_return
 
 
 class PolicyHooks:
@@ -108,10 +129,7 @@ class PolicyHooks:
             try:
                 dbapi_conn.rollback()
             except BaseException as error:
-                logger.opt(exception=error).warning("rollback on return failed; discarded")
-                record.invalidate(error)
-                if not isinstance(error, Exception):
-                    raise
+                _reset_failed(record, error, "rollback on return failed; discarded")
                 return
         self._mark_idle(record)
 
@@ -128,6 +146,86 @@ class PolicyHooks:
 
     def idle_full(self) -> None:
         self.counters.add("max_idle_closed")
+
+
+class DiscardPolicyHooks(PolicyHooks):
+    """``reset_on_return = "discard"``: every returned connection is reset with
+    ``DISCARD ALL`` (see ``discard_all``), one round trip per return.  A connection whose
+    reset fails (a dead one) is closed instead of going back to the pool.
+
+    ``forget`` (a fast path: ``forget_prepared_statements``) empties psycopg's record of
+    its prepared statements first; without it the pool's connections must not have
+    psycopg prepare any (``install_pool_events`` sees to that)."""
+
+    __slots__ = ("forget",)
+
+    def __init__(
+        self,
+        counters: PoolCounters,
+        policy: PoolPolicy,
+        forget: Callable[[Any], None] | None = None,
+    ) -> None:
+        super().__init__(counters, policy)
+        self.forget = forget
+
+    def returned(self, record: ConnectionPoolEntry) -> None:
+        self.counters.checked_in()
+        dbapi_conn: Any = record.dbapi_connection
+        if dbapi_conn is None:  # invalidated while checked out
+            return
+        try:
+            discard_all(dbapi_conn, self.forget)
+        except BaseException as error:
+            _reset_failed(record, error, "DISCARD ALL on return failed; connection closed")
+            return
+        self._mark_idle(record)
+
+
+def policy_hooks(counters: PoolCounters, policy: PoolPolicy, *, fast: bool) -> PolicyHooks:
+    """The hooks for ``policy``: the reset is chosen once here, so the default
+    ``"rollback"`` pays nothing for the other.  With ``max_idle_conns = 0`` every returned
+    connection is closed anyway: nothing to discard."""
+    if discards(policy):
+        return DiscardPolicyHooks(counters, policy, forget_prepared_statements if fast else None)
+    return PolicyHooks(counters, policy)
+
+
+def discards(policy: PoolPolicy) -> bool:
+    """Whether a pool under ``policy`` sends ``DISCARD ALL`` when a connection comes back."""
+    return policy.reset_on_return == "discard" and policy.keep_idle
+
+
+def discard_all(conn: psycopg.Connection[Any], forget: Callable[[Any], None] | None = None) -> None:
+    """Give ``conn`` back the session state of a new connection: roll back an open
+    transaction, then ``DISCARD ALL`` (which must run outside one) in autocommit.
+
+    The DISCARD goes through psycopg's ``Connection.execute`` (never prepared itself), so
+    that psycopg sees it as any other statement, and its command status.  psycopg 3.3
+    forgets its own prepared statements on that status only the first time it runs the
+    statement, hence ``forget`` (see ``DiscardPolicyHooks``), called first.
+    ``autocommit`` is left as it was, for the pool's next checkout to set as it needs; on
+    an error the caller closes the connection.
+    """
+    if forget is not None:
+        forget(conn)  # before the rollback too: no DEALLOCATE ALL after it either
+    if conn.pgconn.transaction_status != _IDLE:
+        conn.rollback()
+    if conn.autocommit:
+        conn.execute("DISCARD ALL", prepare=False)
+    else:  # outside a transaction, the setter is client-side only: no round trip
+        conn.autocommit = True
+        conn.execute("DISCARD ALL", prepare=False)
+        conn.autocommit = False
+
+
+def _reset_failed(record: ConnectionPoolEntry, error: BaseException, message: str) -> None:
+    """Close the connection of ``record``, whose reset on return raised ``error`` (counted
+    as invalidated by the ``invalidate`` listener); re-raise a ``KeyboardInterrupt`` or
+    the like once that is done."""
+    logger.opt(exception=error).warning(message)
+    record.invalidate(error)
+    if not isinstance(error, Exception):
+        raise error
 
 
 def check_reused(record: ConnectionPoolEntry, policy: PoolPolicy, counters: PoolCounters) -> None:
@@ -233,8 +331,10 @@ def install_pool_events(engine: Engine, counters: PoolCounters, policy: PoolPoli
     ``CountingQueuePool`` with fast paths off, or a ``poolclass=`` given as an engine
     option) gets the same behaviour from event listeners.
     """
-    hooks = PolicyHooks(counters, policy)
     pool = engine.pool
+    fast = isinstance(pool, FastQueuePool)
+    hooks = policy_hooks(counters, policy, fast=fast)
+    no_prepare = discards(policy) and not fast
     if isinstance(pool, FastQueuePool):
         pool.hooks = hooks
     else:
@@ -251,6 +351,10 @@ def install_pool_events(engine: Engine, counters: PoolCounters, policy: PoolPoli
             jitter = random.uniform(0, _LIFETIME_JITTER * policy.max_lifetime)
             info["dbkit_expires"] = now + policy.max_lifetime - jitter
         counters.connected()
+        if no_prepare and isinstance(dbapi_conn, psycopg.Connection):
+            # Public twin of forget_prepared_statements: psycopg would not always notice
+            # that DISCARD ALL dropped the statements it prepared (see discard_all).
+            dbapi_conn.prepare_threshold = None
 
     @event.listens_for(engine, "close")
     def on_close(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
