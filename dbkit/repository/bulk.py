@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy.engine import Dialect
 
+from dbkit.fastpath.sqlalchemy import wrap_driver_error
+
 if TYPE_CHECKING:
     from dbkit.repository.base import Repository
     from dbkit.repository.plan import Plan
@@ -173,11 +175,22 @@ class CopyPlan:
         target = pgsql.Identifier(*((into,) if into else filter(None, (table.schema, table.name))))
         names = pgsql.SQL(", ").join(pgsql.Identifier(table.c[c].name) for c in self.columns)
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(target, names)
-        observer = conn.observer
-        if observer is None:
-            return _copy_rows(driver, statement, rows, convert)
         text = statement.as_string(driver)
-        return observer.run(_copy_rows, text, (), conn.dialect, driver, statement, rows, convert)
+        observer = conn.observer
+        try:
+            if observer is None:
+                return _copy_rows(driver, statement, rows, convert)
+            return observer.run(
+                _copy_rows, text, (), conn.dialect, driver, statement, rows, convert
+            )
+        except psycopg.Error as error:
+            if not (driver.broken or driver.closed):
+                raise  # the COPY failed, the connection is fine: psycopg's error, as always
+            # The connection died under the COPY (terminated backend, lost network): raised
+            # as SQLAlchemy raises a lost connection (DBAPIError, connection_invalidated),
+            # so that blocks make it a RetryableError like for any other statement, and the
+            # connection is invalidated, never handed out again.
+            raise wrap_driver_error(conn, error, text, None) from error
 
     def _stamps(self, conn: DbkitConnection) -> tuple[Any, ...]:
         """The hook values for every row: the transaction's now() as each timestamp
