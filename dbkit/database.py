@@ -36,7 +36,7 @@ from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired
 from dbkit.resilience import CircuitBreaker
-from dbkit.retrying import RetryPolicy
+from dbkit.retrying import Attempts, Failure, RetryPolicy, is_read, next_wait
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
 from dbkit.transaction import Transaction, TransactionManager, TransactionOptions
 from dbkit.transaction.outcome import Outcome, resolve_commit
@@ -341,15 +341,62 @@ class Database:
                 raise
         return None if row is None else row[0]
 
+    def run_alone(self, operation: Callable[[], R], *, retry: bool) -> R:
+        """Run ``operation`` (one statement outside any block, on a connection it checks
+        out itself); with ``retry``, once more on a fresh connection when the pooled one
+        turned out dead, then waiting (connect policy) while the database cannot be
+        reached.  A first checkout that fails is raised at once."""
+        if not retry:
+            return operation()
+        policy = self._retry_policy(reruns=1)
+        attempts = Attempts()
+        started = time.monotonic()
+        while True:
+            try:
+                return operation()
+            except (sa_exc.DBAPIError, ConnectError, CircuitOpenError) as error:
+                if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+                    failure = Failure.RERUN
+                elif attempts.reruns and (
+                    is_transient(error) or isinstance(error, CircuitOpenError)
+                ):
+                    failure = Failure.OUTAGE  # the server went away with the dead connection
+                else:
+                    raise
+                elapsed = time.monotonic() - started
+                delay = next_wait(policy, attempts, failure, elapsed, random.random())
+                if delay is None:
+                    raise
+                logger.bind(failure=failure.name).info(
+                    "running a statement again in {:.3f}s: {}", delay, failure.value
+                )
+                time.sleep(delay)
+
+    def run_autocommit(self, func: Callable[[DbkitConnection], R], *, retry: bool) -> R:
+        """``func(conn)`` on a pooled connection in autocommit, as ``run_alone``."""
+
+        def operation() -> R:
+            with self.autocommit() as conn:
+                return func(conn)
+
+        return self.run_alone(operation, retry=retry)
+
     def execute(
         self,
         statement: Statement,
         params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        *,
+        idempotent: bool | None = None,
     ) -> Result[Any]:
         """Run one statement: on this thread's open transaction if there is one, else on its
         own in autocommit (one round trip, no BEGIN/COMMIT), or, given several parameter
         sets, in one short transaction (all or nothing).  Rows are fetched before the
-        connection goes back to the pool, so the result stays readable."""
+        connection goes back to the pool, so the result stays readable.
+
+        Outside a block, a statement that meets a dead pooled connection runs again on a
+        fresh one when it only reads (``dbkit.retrying.is_read``), or when
+        ``idempotent=True`` says a second run is harmless; ``idempotent=False`` never.
+        Inside a block nothing is retried alone: the whole transaction is (``retries=``)."""
         stmt = _coerce(statement)
         ambient = self._transactions.connection()
         if ambient is not None:
@@ -359,6 +406,10 @@ class Database:
             with self.transaction() as conn:
                 result = conn.execute(stmt, params)
                 return result.freeze()() if result.returns_rows else result
+        retry = is_read(stmt) if idempotent is None else idempotent
+        return self.run_alone(lambda: self._execute_alone(stmt, params), retry=retry)
+
+    def _execute_alone(self, stmt: sa.Executable, params: Mapping[str, Any] | None) -> Result[Any]:
         driver = self.driver_path()
         if driver is not None:
             try:
@@ -369,11 +420,22 @@ class Database:
             result = conn.execute(stmt, params)
             return result.freeze()() if result.returns_rows else result
 
-    def scalar(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Any:
+    def scalar(
+        self,
+        statement: Statement,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """The first column of the first row (None without rows); retried as ``execute``."""
         stmt = _coerce(statement)
         ambient = self._transactions.connection()
         if ambient is not None:
             return ambient.scalar(stmt, params)
+        retry = is_read(stmt) if idempotent is None else idempotent
+        return self.run_alone(lambda: self._scalar_alone(stmt, params), retry=retry)
+
+    def _scalar_alone(self, stmt: sa.Executable, params: Mapping[str, Any] | None) -> Any:
         driver = self.driver_path()
         if driver is not None:
             try:

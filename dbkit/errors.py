@@ -144,7 +144,10 @@ class CommitOutcomeUnknown(TransactionError):
 
 
 class RetryableError(DbkitError):
-    """The transaction failed in a way that re-running it may fix (40001, 40P01, lost link)."""
+    """The transaction failed in a way that re-running it may fix: a serialization failure
+    (40001), deadlock (40P01), lock not available (55P03), a write refused by a server that
+    became read-only (25006, e.g. after a failover), a connection lost before COMMIT, or a
+    lost COMMIT that the server reports as rolled back."""
 
 
 # SQLSTATEs after which the same work may succeed if tried again (on a fresh connection or
@@ -154,6 +157,7 @@ _TRANSIENT_SQLSTATES = frozenset(
         "40001",  # serialization_failure
         "40P01",  # deadlock_detected
         "53300",  # too_many_connections
+        "55P03",  # lock_not_available (NOWAIT, lock_timeout): the holder will let go
         "57P01",  # admin_shutdown
         "57P02",  # crash_shutdown
         "57P03",  # cannot_connect_now (starting up, shutting down, recovery)

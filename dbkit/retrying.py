@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Attempts", "Failure", "RetryPolicy", "next_wait"]
+import sqlalchemy as sa
+
+__all__ = ["Attempts", "Failure", "RetryPolicy", "is_read", "next_wait"]
+
+# First words of SQL text that only reads (WITH is not one: it may carry an UPDATE).
+_READ_WORDS = ("SELECT", "SHOW", "VALUES", "TABLE", "EXPLAIN")
 
 
 class Failure(enum.Enum):
@@ -81,3 +87,12 @@ def next_wait(
             return None
         delay = min(delay, left)
     return delay
+
+
+def is_read(statement: Any) -> bool:
+    """Whether running ``statement`` twice is harmless: a ``select()``, or SQL text that
+    begins with SELECT, SHOW, VALUES, TABLE or EXPLAIN.  A SELECT that calls a function
+    that writes is not told apart: pass ``idempotent=False`` for it."""
+    if isinstance(statement, sa.TextClause):
+        return statement.text.lstrip().upper().startswith(_READ_WORDS)
+    return bool(getattr(statement, "is_select", False))

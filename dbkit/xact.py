@@ -14,6 +14,15 @@ reads the answer with the next statement's, so it costs no round trip of its own
 Not seen as writes: a function that writes called from a ``SELECT``, and a writable CTE
 under a ``SELECT`` (their tag is ``SELECT``).  A transaction whose only writes are of that
 kind is treated as read-only when its COMMIT is lost.
+
+The same cursor also heals a stale prepared statement.  psycopg prepares a statement run
+often enough on a connection; after an ``ALTER TABLE`` elsewhere changes what it returns,
+PostgreSQL refuses the prepared one ("cached plan must not change result type", 0A000),
+and psycopg, which forgets it only on a ROLLBACK or a DDL of its own, would send it again
+every time.  Outside a transaction the statement did nothing, so the cursor sends
+``DEALLOCATE ALL`` (psycopg notices and empties its cache) and runs it once more.  Inside
+one the transaction is aborted: its rollback empties the cache and a re-run works
+(``retries=``).
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["READ_TAGS", "TrackingCursor", "XactConnection", "xact_id_query"]
+__all__ = ["READ_TAGS", "TrackingCursor", "XactConnection", "stale_plan", "xact_id_query"]
+
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 # Command tags of statements that never assign a transaction id (their first word).
 READ_TAGS = frozenset(
@@ -51,6 +62,13 @@ READ_TAGS = frozenset(
         b"DISCARD",
     }
 )
+
+
+def stale_plan(error: BaseException) -> bool:
+    """PostgreSQL refused a prepared statement whose result columns changed since."""
+    return isinstance(
+        error, psycopg.errors.FeatureNotSupported
+    ) and "cached plan must not change result type" in str(error)
 
 
 def xact_id_query(server_version: int) -> bytes | None:
@@ -132,7 +150,14 @@ class TrackingCursor(psycopg.Cursor[Any]):
     __slots__ = ()
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> TrackingCursor:
-        super().execute(query, params, **kwargs)
+        try:
+            super().execute(query, params, **kwargs)
+        except psycopg.errors.FeatureNotSupported as error:
+            if not stale_plan(error) or self.connection.info.transaction_status != _IDLE:
+                raise
+            with psycopg.Cursor(self.connection) as cursor:
+                cursor.execute("DEALLOCATE ALL")
+            super().execute(query, params, **kwargs)
         conn = self.connection
         if conn.tracking:  # type: ignore[attr-defined]
             result = self.pgresult

@@ -340,7 +340,8 @@ def test_terminated_busy_caller_gets_a_transient_error_and_idle_ones_are_replace
 
         def busy() -> None:
             try:
-                db.execute("SELECT pg_sleep(60)")
+                # A read would run again on a fresh connection: not this one.
+                db.execute("SELECT pg_sleep(60)", idempotent=False)
             except BaseException as error:
                 errors.append(error)
 

@@ -43,12 +43,14 @@ from dbkit.repository.bulk import (
 from dbkit.repository.keyset import OrderBy, Page, after_clause, descending, keys_of
 from dbkit.repository.plan import Plan
 from dbkit.repository.streaming import driver_stream
+from dbkit.retrying import is_read
 
 if TYPE_CHECKING:
     from dbkit.database import Database
     from dbkit.transaction import DbkitConnection
 
 T = TypeVar("T")
+R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
 
 # A filter: a SQLAlchemy boolean expression (repo.c.age > 18), or explicit sa.text(...).
@@ -160,7 +162,7 @@ class Repository(Generic[T]):
         try:
             if fast is None:
                 raise Declined
-            row = fast.fetch(params)
+            row = self._db.run_alone(lambda: fast.fetch(params), retry=True)
         except Declined:
             row = self._fetch_one(stmt, params)
         if row is None:
@@ -814,21 +816,25 @@ class Repository(Generic[T]):
             return self._statement()
         return self._db.transaction(savepoint=False)
 
+    def _run(self, stmt: sa.Executable, use: Callable[[DbkitConnection], R]) -> R:
+        """``use(conn)`` for one statement: on the ambient connection, else in autocommit,
+        where a read that meets a dead pooled connection runs again on a fresh one."""
+        ambient = self._db.connection()
+        if ambient is not None:
+            return use(ambient)
+        return self._db.run_autocommit(use, retry=is_read(stmt))
+
     def _fetch(self, stmt: sa.Executable, params: Any = None) -> Sequence[Row[Any]]:
-        with self._statement() as conn:
-            return conn.execute(stmt, params).all()
+        return self._run(stmt, lambda conn: conn.execute(stmt, params).all())
 
     def _fetch_one(self, stmt: sa.Executable, params: Any = None) -> Row[Any] | None:
-        with self._statement() as conn:
-            return conn.execute(stmt, params).first()
+        return self._run(stmt, lambda conn: conn.execute(stmt, params).first())
 
     def _scalar(self, stmt: sa.Executable, params: Any = None) -> Any:
-        with self._statement() as conn:
-            return conn.execute(stmt, params).scalar()
+        return self._run(stmt, lambda conn: conn.execute(stmt, params).scalar())
 
     def _rowcount(self, stmt: sa.Executable, params: Any = None) -> int:
-        with self._statement() as conn:
-            return int(conn.execute(stmt, params).rowcount)
+        return self._run(stmt, lambda conn: int(conn.execute(stmt, params).rowcount))
 
     def _fast_get(self, include_deleted: bool) -> FastGet | None:
         """The driver-level get for the current engine (it declines when instrumented), or

@@ -20,6 +20,7 @@ from dbkit.errors import (
 )
 from dbkit.retrying import Failure, RetryPolicy
 from dbkit.transaction.options import TransactionOptions
+from dbkit.xact import stale_plan
 
 __all__ = ["as_retryable", "classify", "giving_up", "server_became_read_only", "worth_retrying"]
 
@@ -33,6 +34,7 @@ _WHAT = {
     "40P01": "deadlock",
     "55P03": "lock not available",
     _READ_ONLY_SQL_TRANSACTION: "the server became read-only",
+    "0A000": "a prepared statement's result type changed",
 }
 
 
@@ -55,6 +57,8 @@ def worth_retrying(error: BaseException) -> bool:
         return True
     if sqlstate_of(error) in _RETRY_SQLSTATES:
         return True
+    if any(stale_plan(e) for e in _chain(error)):
+        return True  # the rollback emptied psycopg's cache of prepared statements
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, sa_exc.DBAPIError):
@@ -63,6 +67,16 @@ def worth_retrying(error: BaseException) -> bool:
             return False
         cause = cause.__cause__
     return False
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    found: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(found) < 10:
+        found.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return found
 
 
 def server_became_read_only(error: Exception, options: TransactionOptions) -> bool:
