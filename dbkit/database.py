@@ -31,10 +31,11 @@ from dbkit.errors import (
     is_transient,
 )
 from dbkit.fastpath.driver import DriverPath
+from dbkit.fastpath.pool import PoolClosed
 from dbkit.fastpath.sqlalchemy import Declined
 from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementListener, StatementObserver
-from dbkit.pool import LeakDetector, evict_expired
+from dbkit.pool import LeakDetector, evict_expired, shut
 from dbkit.resilience import CircuitBreaker
 from dbkit.retrying import Attempts, Failure, RetryPolicy, is_read, next_wait
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
@@ -246,8 +247,11 @@ class Database:
             self._sweeper.start()
 
     def close(self) -> None:
-        """Close every pooled connection; idempotent.  Connections still checked out are
-        closed when they come back."""
+        """Close every pooled connection; idempotent; returns at once.  Connections still
+        checked out are closed when they come back (a transaction under way may still
+        commit); a thread waiting for a connection, and any later call, gets
+        ``ConnectError`` (with fast paths off, a waiting thread learns it when a connection
+        comes back or its timeout ends)."""
         self._closed = True
         for worker in (self._sweeper, self._monitor):
             if worker is not None:
@@ -256,6 +260,7 @@ class Database:
         with self._engine_lock:
             engine, self._engine = self._engine, None
         if engine is not None:
+            shut(engine)
             engine.dispose()
             logger.info("closed pool for {}", self._config.safe_dsn())
 
@@ -271,6 +276,10 @@ class Database:
 
     def _checkout_error(self, error: sa_exc.TimeoutError | sa_exc.DBAPIError) -> DbkitError:
         """A checkout's failure in dbkit's terms: the pool exhausted, or no connection."""
+        if isinstance(error, PoolClosed) or (
+            self._closed and isinstance(error, sa_exc.TimeoutError)
+        ):
+            return ConnectError(f"{self!r} is closed")
         if isinstance(error, sa_exc.TimeoutError):
             stats = self.stats()
             config = self._config
@@ -294,9 +303,14 @@ class Database:
         as dbkit's ``PoolTimeoutError`` / ``ConnectError``; ``close()`` returns it."""
         engine = self.engine
         try:
-            return self._connection_cls(engine)  # what engine.connect() does
+            conn = self._connection_cls(engine)  # what engine.connect() does
         except (sa_exc.TimeoutError, sa_exc.DBAPIError) as error:
             raise self._checkout_error(error) from error
+        if self._closed:  # closed while this thread waited for the connection
+            conn.invalidate()
+            conn.close()
+            raise ConnectError(f"{self!r} is closed")
+        return conn
 
     def _retry_policy(self, reruns: int = 0) -> RetryPolicy:
         """The connect policy as a ``RetryPolicy``: how long to wait for the database."""
@@ -317,27 +331,23 @@ class Database:
         )
 
     def _xact_status(self, xid: int) -> str | None:
-        """``pg_xact_status(xid)`` on a pooled connection (not counted as a statement)."""
-        with self.autocommit() as conn:
-            driver = conn.connection.driver_connection
-            assert isinstance(driver, psycopg.Connection)
+        """``pg_xact_status(xid)`` on a fresh connection of its own: not a pooled one (they
+        may all be dead after a restart) and not through the circuit breaker (a restart
+        opens it, and this one question must not wait for it to close)."""
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        with psycopg.connect(*cargs, **{**cparams, "autocommit": True}) as conn:
             query = (
                 "SELECT pg_xact_status(%s::text::xid8)"
-                if driver.info.server_version >= 130000
+                if conn.info.server_version >= 130000
                 else "SELECT txid_status(%s::bigint)"
             )
             try:
-                with psycopg.Cursor(driver) as cursor:
-                    row = cursor.execute(query, (str(xid),)).fetchone()
+                row = conn.execute(query, (str(xid),)).fetchone()
             except psycopg.errors.InvalidParameterValue as error:
                 if "in the future" in str(error):
                     # The server never recorded that id (a crash before it reached the
                     # WAL): that transaction cannot have committed.
                     return "aborted"
-                raise
-            except psycopg.Error as error:
-                if driver.broken or driver.closed:
-                    conn.invalidate(error)
                 raise
         return None if row is None else row[0]
 

@@ -60,6 +60,7 @@ __all__ = [
     "evict_expired",
     "install_pool_events",
     "policy_hooks",
+    "shut",
 ]
 
 # psycopg_pool shortens each connection's lifetime by up to 5% at random; pgx does the same
@@ -102,11 +103,20 @@ class PoolPolicy:
 class PolicyHooks:
     """The policy and the counters, at the pool's checkout and return (``PoolHooks``)."""
 
-    __slots__ = ("counters", "policy")
+    __slots__ = ("closed", "counters", "policy")
 
     def __init__(self, counters: PoolCounters, policy: PoolPolicy) -> None:
         self.counters = counters
         self.policy = policy
+        self.closed = False  # the Database was closed: connections coming back are closed
+
+    def _closing(self, record: ConnectionPoolEntry) -> bool:
+        """Close a connection that comes back after its Database was closed."""
+        if not self.closed:
+            return False
+        if record.dbapi_connection is not None:
+            record.invalidate()
+        return True
 
     def checked_out(self, record: ConnectionPoolEntry) -> None:
         self.counters.checked_out()
@@ -121,7 +131,7 @@ class PolicyHooks:
         counters = self.counters
         counters.checked_in()
         dbapi_conn: Any = record.dbapi_connection
-        if dbapi_conn is None:  # invalidated while checked out
+        if dbapi_conn is None or self._closing(record):  # invalidated, or shut down
             return
         # Replaces QueuePool's unconditional rollback-on-return: libpq already knows
         # whether a transaction is open, so an idle connection skips the driver call.
@@ -171,7 +181,7 @@ class DiscardPolicyHooks(PolicyHooks):
     def returned(self, record: ConnectionPoolEntry) -> None:
         self.counters.checked_in()
         dbapi_conn: Any = record.dbapi_connection
-        if dbapi_conn is None:  # invalidated while checked out
+        if dbapi_conn is None or self._closing(record):  # invalidated, or shut down
             return
         try:
             discard_all(dbapi_conn, self.forget)
@@ -322,6 +332,19 @@ class _IdleRecords:
 
 
 _idle_by_engine: weakref.WeakKeyDictionary[Engine, _IdleRecords] = weakref.WeakKeyDictionary()
+
+
+def shut(engine: Engine) -> None:
+    """``engine``'s Database is closing: connections still checked out are closed when they
+    come back, and no thread is handed one any more (with fast paths, threads already
+    waiting are told at once; otherwise when a connection comes back or their timeout
+    ends).  Call before ``engine.dispose()``."""
+    pool = engine.pool
+    hooks = getattr(pool, "hooks", None)
+    if isinstance(hooks, PolicyHooks):
+        hooks.closed = True
+    if isinstance(pool, FastQueuePool):
+        pool.shut()
 
 
 def install_pool_events(engine: Engine, counters: PoolCounters, policy: PoolPolicy) -> None:

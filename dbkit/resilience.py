@@ -3,8 +3,10 @@
 After ``failure_threshold`` consecutive *transient* connect failures (refused, timed out,
 too many clients, starting up …) the breaker opens: new connections fail at once with
 ``CircuitOpenError`` instead of each caller waiting out its own connect timeout against a
-server that is down.  After ``recovery_timeout`` one caller is let through as a probe; its
-success closes the breaker, its failure opens it again.
+server that is down.  After a while one caller is let through as a probe; its success
+closes the breaker, its failure opens it again for twice as long.  The first wait is one
+second and ``recovery_timeout`` caps them: a restart that takes a second costs about a
+second, while a database that stays down is probed only every ``recovery_timeout``.
 
 The lock guards state changes only, never the call itself (pybreaker's ``call()`` holds its
 lock for the whole call and so serialises every caller).  Permanent errors (bad password,
@@ -25,6 +27,9 @@ from loguru import logger
 from dbkit.errors import CircuitOpenError, is_transient
 
 __all__ = ["BreakerState", "CircuitBreaker"]
+
+# How long the breaker first stays open (capped by recovery_timeout); doubled per failed probe.
+FIRST_OPEN = 1.0
 
 BreakerState = Literal["closed", "open", "half_open"]
 
@@ -48,13 +53,14 @@ class CircuitBreaker:
         self._state: BreakerState = "closed"
         self._failures = 0
         self._opened_at = 0.0
+        self._open_for = 0.0  # how long this opening lasts before a probe
         self._probing = False
         self.times_opened = 0
 
     @property
     def state(self) -> BreakerState:
         with self._lock:
-            if self._state == "open" and self._clock() - self._opened_at >= self.recovery_timeout:
+            if self._state == "open" and self._clock() - self._opened_at >= self._open_for:
                 return "half_open"
             return self._state
 
@@ -70,11 +76,11 @@ class CircuitBreaker:
             if self._state == "closed":
                 return
             waited = self._clock() - self._opened_at
-            if self._state == "open" and waited < self.recovery_timeout:
+            if self._state == "open" and waited < self._open_for:
                 raise CircuitOpenError(
                     f"circuit breaker for {self.name} is open after {self._failures} "
                     f"consecutive connection failures; next attempt in "
-                    f"{self.recovery_timeout - waited:.1f}s"
+                    f"{self._open_for - waited:.1f}s"
                 )
             if self._probing:
                 raise CircuitOpenError(
@@ -112,6 +118,9 @@ class CircuitBreaker:
             self._probing = False
             if self._state == "half_open" or self._failures >= self.failure_threshold:
                 opened = self._state != "open"
+                first = min(self.recovery_timeout, FIRST_OPEN)
+                again = self._state == "half_open"
+                self._open_for = min(self.recovery_timeout, self._open_for * 2) if again else first
                 self._state = "open"
                 self._opened_at = self._clock()
                 if opened:

@@ -175,7 +175,7 @@ class PostgresConfig:
     application_name: str = "dbkit"
     ping_after_idle: float = 1.0  # ping at checkout only after this much idleness
     breaker_failure_threshold: int = 5  # consecutive connect failures that open it; 0 = off
-    breaker_recovery_timeout: float = 30.0  # open this long before one probe is let through
+    breaker_recovery_timeout: float = 30.0  # longest wait before a probe (starts at 1s, doubles)
     leak_detection_threshold: float = 0.0  # warn about connections held longer; 0 = off
     fast_paths: bool = True  # false: SQLAlchemy's and psycopg's public API only (dbkit.fastpath)
     resolve_commit_outcome: bool = True  # a COMMIT lost in flight is resolved by pg_xact_status

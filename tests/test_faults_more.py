@@ -315,6 +315,9 @@ def test_close_while_threads_hold_and_wait_for_connections(db_url: str, app: str
         db_url, max_open_conns=2, max_idle_conns=2, timeout=120, application_name=app
     ).connect()
     db.execute("CREATE TABLE items (k text NOT NULL)")
+    # With fast paths off (public API only) a waiting thread cannot be woken by close():
+    # it learns that the Database is closed when a holder returns its connection.
+    fast = db.driver_path() is not None
     holding = threading.Barrier(3, timeout=WAIT)
     release = threading.Event()
     outcome: dict[str, Any] = {}
@@ -375,7 +378,7 @@ def test_close_while_threads_hold_and_wait_for_connections(db_url: str, app: str
         "h0": "committed",
         "h1": "committed",
         "waiter": "ConnectError",
-        "waiter woken by close": True,
+        "waiter woken by close": fast,
         "rows": ["h0-1", "h0-2", "h1-1", "h1-2"],
         "backends left": [],
         "in use": 0,

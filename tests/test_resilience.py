@@ -60,6 +60,28 @@ def test_failed_probe_opens_again() -> None:
         breaker.before_call()
 
 
+def test_the_breaker_opens_for_a_second_first_then_longer_up_to_the_recovery_timeout() -> None:
+    """A restart that takes a second must not cost recovery_timeout (30 s by default)."""
+    clock = Clock()
+    breaker = CircuitBreaker(1, 5.0, clock=clock)
+    breaker.record_failure(refused())
+    opened_for = []
+    for _ in range(5):
+        start = clock.now
+        while breaker.state == "open":
+            clock.now += 0.25
+        opened_for.append(clock.now - start)
+        breaker.before_call()  # the probe fails: open again
+        breaker.record_failure(refused())
+    assert opened_for == [1.0, 2.0, 4.0, 5.0, 5.0]
+    clock.now += 5.0
+    breaker.before_call()
+    breaker.record_success()  # closed: the next opening is short again
+    breaker.record_failure(refused())
+    clock.now += 1.0
+    assert breaker.state == "half_open"
+
+
 def test_permanent_errors_and_success_reset_nothing_wrongly() -> None:
     breaker = CircuitBreaker(2, 5.0, clock=Clock())
     auth = psycopg.OperationalError('password authentication failed for user "x"')

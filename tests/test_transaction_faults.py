@@ -8,6 +8,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 
+import dbkit
 from dbkit import Database, RetryableError, TransactionRolledBack
 from dbkit.errors import sqlstate_of
 
@@ -79,8 +80,10 @@ def test_failed_commit_rolls_back_and_returns_a_clean_connection(db: Database) -
         "CREATE TABLE child (id int primary key, parent_id int "
         "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)"
     )
-    with pytest.raises(sa.exc.IntegrityError), db.transaction() as conn:
+    with pytest.raises(dbkit.ForeignKeyError) as info, db.transaction() as conn:
         conn.execute(sa.text("INSERT INTO child VALUES (1, 999)"))  # checked at COMMIT
+    assert info.value.constraint == "child_parent_id_fkey"
+    assert isinstance(info.value.__cause__, sa.exc.IntegrityError)
     assert db.stats().in_use == 0
     assert db.scalar("SELECT count(*) FROM child") == 0
     with db.transaction() as conn:  # the pooled connection is usable and clean

@@ -429,10 +429,11 @@ class TestOnCommitRollbacks:
             "CREATE TABLE badges (reporter_id int REFERENCES reporters (id)"
             " DEFERRABLE INITIALLY DEFERRED)"
         )
-        with pytest.raises(sa_exc.IntegrityError) as failed, db.transaction():
+        with pytest.raises(dbkit.ForeignKeyError) as failed, db.transaction():
             hooks.do(1)
             db.execute("INSERT INTO badges VALUES (424242)")
         assert sqlstate_of(failed.value) == "23503"
+        assert failed.value.constraint == "badges_reporter_id_fkey"
         hooks.assert_done([])
         assert not db.in_transaction()
         assert db.stats().in_use == 0
@@ -611,9 +612,7 @@ class TestRetries:
             if len(runs) == 1:
                 pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
                 with db.engine.connect() as other:
-                    other.execute(
-                        sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}
-                    )
+                    other.execute(sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
 
         db.run_in_transaction(fn, retries=5)
         assert runs == [1, 1]

@@ -27,6 +27,7 @@ from sqlalchemy.util import queue as sqla_queue
 __all__ = [
     "FastQueuePool",
     "HandoffQueue",
+    "PoolClosed",
     "PoolHooks",
     "forget_prepared_statements",
     "idle_entries",
@@ -63,6 +64,11 @@ class _Waiter:
         self.record: ConnectionPoolEntry | None = None
 
 
+class PoolClosed(sa_exc.TimeoutError):
+    """A checkout from a pool that was shut (its ``Database`` was closed).  A kind of
+    ``TimeoutError``: no connection will come, and callers already handle that."""
+
+
 class HandoffQueue(sqla_queue.Queue[ConnectionPoolEntry]):
     """The pool's idle queue: SQLAlchemy's, with a fast uncontended path and hand-off under
     contention.
@@ -78,6 +84,15 @@ class HandoffQueue(sqla_queue.Queue[ConnectionPoolEntry]):
     def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
         super().__init__(maxsize, use_lifo)
         self._waiters: deque[_Waiter] = deque()
+        self.closed = False
+
+    def close(self) -> None:
+        """The pool is shut: every waiting thread is woken, with ``PoolClosed``."""
+        with self.mutex:
+            self.closed = True
+            waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            waiter.lock.release()  # with no record: told the pool is closed
 
     def get(self, block: bool = True, timeout: float | None = None) -> ConnectionPoolEntry:
         with self.mutex:
@@ -90,13 +105,13 @@ class HandoffQueue(sqla_queue.Queue[ConnectionPoolEntry]):
             raise ValueError("'timeout' must be a positive number")
         waiter = _Waiter()  # allocated outside the mutex (see the class docstring)
         with self.mutex:
+            if self.closed:
+                raise PoolClosed("the pool is shut")
             if queue:  # returned meanwhile
                 return queue.pop() if self.use_lifo else queue.popleft()
             self._waiters.append(waiter)
         try:
-            if waiter.lock.acquire(True, -1 if timeout is None else timeout):
-                assert waiter.record is not None
-                return waiter.record
+            handed = waiter.lock.acquire(True, -1 if timeout is None else timeout)
         except BaseException:
             # Interrupted (Ctrl-C) while waiting: leave the line, and pass on a connection
             # handed over meanwhile, or it would be lost to the pool for good.
@@ -106,6 +121,10 @@ class HandoffQueue(sqla_queue.Queue[ConnectionPoolEntry]):
             if waiter.record is not None:
                 self.put(waiter.record)
             raise
+        if handed:
+            if waiter.record is None:
+                raise PoolClosed("the pool was shut while waiting for a connection")
+            return waiter.record
         with self.mutex:
             if waiter.record is None:  # not handed one while the timeout expired
                 self._waiters.remove(waiter)
@@ -117,7 +136,7 @@ class HandoffQueue(sqla_queue.Queue[ConnectionPoolEntry]):
     ) -> None:
         with self.mutex:
             waiters = self._waiters
-            if waiters:
+            if waiters and not self.closed:
                 waiter = waiters.popleft()
                 waiter.record = item
                 waiter.lock.release()
@@ -134,8 +153,17 @@ class FastQueuePool(QueuePool):
     _queue_class = HandoffQueue
     hooks: PoolHooks | None = None
 
+    def shut(self) -> None:
+        """No more checkouts: waiting threads and later callers get ``PoolClosed``; the
+        hooks close connections that come back (``PoolHooks.returned``)."""
+        queue = self._pool
+        if isinstance(queue, HandoffQueue):
+            queue.close()
+
     def _do_get(self) -> ConnectionPoolEntry:
         hooks = self.hooks
+        if isinstance(self._pool, HandoffQueue) and self._pool.closed:
+            raise PoolClosed("the pool is shut")
         if hooks is None:
             return super()._do_get()
         try:

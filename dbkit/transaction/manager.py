@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import random
+import os
 import sys
 import threading
-import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
@@ -22,17 +22,16 @@ from sqlalchemy import exc as sa_exc
 
 from dbkit.connection import DbkitConnection, rollback_quietly, server_aborted
 from dbkit.errors import (
-    RetryableError,
     TransactionError,
     TransactionRolledBack,
-    sqlstate_of,
+    translate,
 )
 from dbkit.fastpath.psycopg import PgConnection
-from dbkit.retrying import Attempts, Failure, RetryPolicy, next_wait
+from dbkit.retrying import RetryPolicy
 from dbkit.stats import QueryCounters
 from dbkit.transaction.options import TransactionOptions
 from dbkit.transaction.outcome import Outcome, settle_lost_commit
-from dbkit.transaction.retry import as_retryable, classify, giving_up, server_became_read_only
+from dbkit.transaction.retry import as_retryable, run_with_retries, server_became_read_only
 from dbkit.transaction.state import Block, Callback, TransactionState
 from dbkit.xact import XactConnection
 
@@ -151,6 +150,14 @@ class TransactionManager:
         self._queries = queries
         self._policy = policy or RetryPolicy()
         self._resolve = resolve
+        self._local = threading.local()
+        _managers.add(self)
+
+    def forget_inherited(self) -> None:
+        """In a forked child: the parent's open transactions are not this process's.  Their
+        state (and connections, whose sockets are the parent's) is kept referenced but
+        unused: collecting a connection would roll back on the parent's socket."""
+        _inherited.append(self._local)
         self._local = threading.local()
 
     def _state(self) -> _Thread:
@@ -363,9 +370,15 @@ class TransactionManager:
         except sa_exc.DBAPIError as error:
             rollback_quietly(root, conn)
             if error.connection_invalidated:
-                settle_lost_commit(self._resolve, xact, error)  # returns when it committed
+                # Returns when it committed.
+                settle_lost_commit(self._resolve, xact, error, readonly=state.readonly)
                 return
-            raise
+            # A deferred constraint checked at COMMIT: dbkit's IntegrityError, as for the
+            # statement that would have failed without the deferral.
+            translated = translate(error)
+            if translated is error:
+                raise
+            raise translated from error
 
     def _release(self, state: _Thread, conn: DbkitConnection) -> None:
         xact, discard = state.xact, state.discard
@@ -404,32 +417,12 @@ class TransactionManager:
             )
         reruns = retries if retries is not None else sys.maxsize
         policy = dataclasses.replace(self._policy, reruns=reruns, deadline=retry_timeout)
-        attempts = Attempts()
-        started = time.monotonic()
-        while True:
-            try:
-                with Transaction(self, options) as conn:
-                    return func(conn)
-            except Exception as error:
-                failure = classify(error)
-                elapsed = time.monotonic() - started
-                delay = next_wait(policy, attempts, failure, elapsed, random.random())
-                if delay is None:
-                    if failure is not Failure.RERUN:
-                        raise  # not worth another run, or the database stayed away
-                    cause = error.__cause__ if isinstance(error, RetryableError) else error
-                    raise giving_up(error, attempts.reruns + 1, elapsed, policy) from cause
-                if failure is Failure.RERUN:
-                    self._queries.transaction("retried")
-                logger.bind(
-                    attempt=attempts.reruns, sqlstate=sqlstate_of(error), failure=failure.name
-                ).info(
-                    "running the transaction again in {:.3f}s after {} ({})",
-                    delay,
-                    type(error).__name__,
-                    failure.value,
-                )
-                time.sleep(delay)
+
+        def once() -> R:
+            with Transaction(self, options) as conn:
+                return func(conn)
+
+        return run_with_retries(once, policy, lambda: self._queries.transaction("retried"))
 
     # -- for dbkit.testing -----------------------------------------------------------------
 
@@ -468,6 +461,19 @@ class TransactionManager:
             state.conn = None
             state.testing = False
             state.reset()
+
+
+# Every manager, so that a forked child can make them forget the parent's transactions.
+_managers: weakref.WeakSet[TransactionManager] = weakref.WeakSet()
+_inherited: list[threading.local] = []
+
+
+def _forget_inherited_transactions() -> None:
+    for manager in list(_managers):
+        manager.forget_inherited()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_transactions)
 
 
 def run_on_commit_callback(func: Callable[[], Any], robust: bool) -> None:

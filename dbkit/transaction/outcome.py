@@ -80,10 +80,14 @@ def settle_lost_commit(
     resolve: Callable[[int], Outcome | None] | None,
     xact: XactConnection | None,
     error: BaseException,
+    *,
+    readonly: bool = False,
 ) -> None:
     """The connection died while COMMIT was in flight (``error``): return when the
-    transaction committed, raise ``RetryableError`` when it was rolled back, else
-    ``CommitOutcomeUnknown``."""
+    transaction committed (or was read-only: nothing to commit), raise ``RetryableError``
+    when it was rolled back, else ``CommitOutcomeUnknown``."""
+    if readonly and resolve is not None:
+        return
     if resolve is None or xact is None:
         raise CommitOutcomeUnknown(
             "the connection was lost during COMMIT; whether the transaction committed is "

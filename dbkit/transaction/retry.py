@@ -5,6 +5,12 @@ How long to wait, and when to stop, is ``dbkit.retrying``'s (pure) policy.
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from loguru import logger
 from sqlalchemy import exc as sa_exc
 
 from dbkit.errors import (
@@ -18,11 +24,20 @@ from dbkit.errors import (
     is_transient,
     sqlstate_of,
 )
-from dbkit.retrying import Failure, RetryPolicy
+from dbkit.retrying import Attempts, Failure, RetryPolicy, next_wait
 from dbkit.transaction.options import TransactionOptions
 from dbkit.xact import stale_plan
 
-__all__ = ["as_retryable", "classify", "giving_up", "server_became_read_only", "worth_retrying"]
+__all__ = [
+    "as_retryable",
+    "classify",
+    "giving_up",
+    "run_with_retries",
+    "server_became_read_only",
+    "worth_retrying",
+]
+
+R = TypeVar("R")
 
 # SQLSTATEs after which re-running the whole transaction is the documented remedy:
 # serialization failure, deadlock, and a lock not granted in time (NOWAIT, lock_timeout).
@@ -112,3 +127,33 @@ def giving_up(
         f"transaction failed with a retryable error "
         f"({sqlstate_of(error) or type(cause).__name__}); giving up after {why}"
     )
+
+
+def run_with_retries(once: Callable[[], R], policy: RetryPolicy, rerun: Callable[[], None]) -> R:
+    """``once()`` (one whole transaction) until it succeeds or ``policy`` says to stop;
+    ``rerun()`` is told of each re-run that spends the budget (not of outage waits)."""
+    attempts = Attempts()
+    started = time.monotonic()
+    while True:
+        try:
+            return once()
+        except Exception as error:
+            failure = classify(error)
+            elapsed = time.monotonic() - started
+            delay = next_wait(policy, attempts, failure, elapsed, random.random())
+            if delay is None:
+                if failure is not Failure.RERUN:
+                    raise  # not worth another run, or the database stayed away
+                cause = error.__cause__ if isinstance(error, RetryableError) else error
+                raise giving_up(error, attempts.reruns + 1, elapsed, policy) from cause
+            if failure is Failure.RERUN:
+                rerun()
+            logger.bind(
+                attempt=attempts.reruns, sqlstate=sqlstate_of(error), failure=failure.name
+            ).info(
+                "running the transaction again in {:.3f}s after {} ({})",
+                delay,
+                type(error).__name__,
+                failure.value,
+            )
+            time.sleep(delay)
