@@ -37,11 +37,19 @@ Leaving a block depends on how it ends and on the status (``state.Status``):
 A block that exits *normally* yet rolls back raises ``TransactionRolledBack``, chained from
 the error that marked it, so nothing is ever silently reported as committed; only an
 explicit ``set_rollback(True)`` (status ``ROLLBACK_ONLY``) rolls back silently.  A
-serialization failure, deadlock or connection lost before COMMIT leaving the outermost
-block becomes a ``RetryableError``; ``retries=`` re-runs the whole block (``retry``).
+serialization failure, deadlock, lock timeout or connection lost before COMMIT leaving the
+outermost block becomes a ``RetryableError``; ``retries=`` re-runs the whole block
+(``retry``), and waits without spending its re-runs while the database cannot be reached.
+
+COMMIT itself: a read-write transaction's driver connection (``dbkit.xact``) notes which
+statements wrote, and the transaction's id is in hand before COMMIT is sent.  When the
+connection dies with COMMIT in flight, ``outcome`` asks a fresh connection
+``pg_xact_status(id)``: committed → the block ends normally; aborted → ``RetryableError``;
+still unknown → ``CommitOutcomeUnknown``, never retried.
 
 Modules: ``options`` (what a block asks for), ``state`` (the plans, no I/O), ``manager``
-(carrying them out on a connection), ``retry`` (what is worth running again).
+(carrying them out on a connection), ``retry`` (what is worth running again), ``outcome``
+(what became of a lost COMMIT).
 """
 
 from dbkit.connection import DbkitConnection

@@ -29,6 +29,7 @@ WORKLOADS: dict[str, Callable[[Context], Workload]] = {
     "point": bench_transactions.point_read,
     "get": bench_transactions.get,
     "tx-read": bench_transactions.read_in_transaction,
+    "tx-write": bench_transactions.write_in_transaction,
     "savepoint": bench_transactions.savepoint,
     "insert": bench_inserts.insert,
     "upsert": bench_upserts.upsert,

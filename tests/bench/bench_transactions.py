@@ -152,6 +152,48 @@ def read_in_transaction(ctx: Context) -> Workload:
     )
 
 
+credit = (
+    sa.update(accounts)
+    .where(accounts.c.id == sa.bindparam("key"))
+    .values(balance=accounts.c.balance + sa.bindparam("amount"))
+)
+RAW_CREDIT = "UPDATE bench_accounts SET balance = balance + %s WHERE id = %s"
+
+
+def write_in_transaction(ctx: Context) -> Workload:
+    """A transfer: two UPDATEs by primary key in one transaction.  dbkit also learns the
+    transaction's id before COMMIT (to resolve a lost COMMIT): this is what that costs."""
+    seed_accounts(ctx.url)
+    db, engine, raw = ctx.dbkit(), ctx.engine(), ctx.raw(autocommit=True)
+
+    def dbkit(n: int) -> None:
+        for i in range(n):
+            with db.transaction() as conn:
+                conn.execute(credit, {"key": i % ACCOUNTS, "amount": -1})
+                conn.execute(credit, {"key": (i + 1) % ACCOUNTS, "amount": 1})
+
+    def sqlalchemy(n: int) -> None:
+        for i in range(n):
+            with engine.begin() as conn:
+                conn.execute(credit, {"key": i % ACCOUNTS, "amount": -1})
+                conn.execute(credit, {"key": (i + 1) % ACCOUNTS, "amount": 1})
+
+    def pg(n: int) -> None:
+        for i in range(n):
+            with raw.transaction():
+                raw.execute(RAW_CREDIT, (-1, i % ACCOUNTS))
+                raw.execute(RAW_CREDIT, (1, (i + 1) % ACCOUNTS))
+
+    contenders = {"dbkit": dbkit, "sqlalchemy": sqlalchemy, "psycopg": pg}
+    return Workload(
+        "tx-write",
+        "a transfer: two UPDATEs by pk in one transaction (BEGIN; UPDATE; UPDATE; COMMIT)",
+        ctx.sizes.point_ops,
+        {name: Contender(run) for name, run in contenders.items()},
+        goal=Goal("dbkit", "sqlalchemy", "time", 1.0),
+    )
+
+
 def savepoint(ctx: Context) -> Workload:
     """Inside one open transaction, each op is a nested block (SAVEPOINT; SELECT; RELEASE).
     dataset has no savepoints (a nested ``with db:`` only counts depth), so it sits out."""
