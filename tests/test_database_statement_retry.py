@@ -194,8 +194,12 @@ def test_a_stale_prepared_statement_never_surfaces_outside_a_block(
         assert db.execute(query, {"a": 1}).all() == [(1, 2)]
     with admin(db_url) as conn:
         conn.execute("ALTER TABLE altered ADD COLUMN c int DEFAULT 3")
-    for _ in range(3):
+    for _ in range(8):  # prepared again
         assert db.execute(query, {"a": 1}).all() == [(1, 2, 3)]
+    with admin(db_url) as conn:  # and made stale again, on the same connections
+        conn.execute("ALTER TABLE altered ADD COLUMN d int DEFAULT 4")
+    for _ in range(3):
+        assert db.execute(query, {"a": 1}).all() == [(1, 2, 3, 4)]
 
 
 def test_a_stale_prepared_statement_in_a_block_is_cured_by_running_it_again(
