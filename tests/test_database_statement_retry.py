@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from faultproxy import FaultProxy
 from sqlalchemy import exc as sa_exc
 
 import dbkit
 from dbkit import Database, RetryableError
 from dbkit.retrying import is_read
-from tests.faultproxy import FaultProxy
 
 APP = "stmt-retry"
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from faultproxy import FaultProxy
 
 import dbkit
 from dbkit import CommitOutcomeUnknown, Database, RetryableError
-from tests.faultproxy import FaultProxy
 
 
 @pytest.fixture
