@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, overload
 
 import backoff
 import psycopg
@@ -45,12 +45,17 @@ from dbkit.transaction.outcome import Outcome, resolve_commit
 if TYPE_CHECKING:
     from typing import Self
 
+    from sqlalchemy.sql.selectable import TypedReturnsRows
+
     from dbkit.settings import PostgresConfig, Settings
 
 __all__ = ["Database"]
 
 R = TypeVar("R")
+T = TypeVar("T")
+_Ts = TypeVarTuple("_Ts")
 Statement = str | sa.Executable
+Params = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 # Cap on one backoff sleep between connect attempts.
 _MAX_CONNECT_DELAY = 10.0
@@ -117,6 +122,7 @@ class Database:
         self._sweeper: _Sweeper | None = None
         self._monitor: HealthMonitor | None = None
         self._closed = False
+        self._connected = False  # connect() succeeded since the last close()
         self.connect_attempts = 0  # attempts made by the last connect(), for operators/tests
 
     # -- construction ----------------------------------------------------------------------
@@ -172,7 +178,12 @@ class Database:
 
     def connect(self) -> Self:
         """Make sure the database answers, retrying transient failures with exponential
-        backoff and jitter; fail at once on permanent ones (bad password, no database)."""
+        backoff and jitter; fail at once on permanent ones (bad password, no database).
+        Idempotent: once connected, it returns at once (``close()`` then ``connect()``
+        connects again).  Its retries are the waiting, so they neither open the circuit
+        breaker nor are refused by it."""
+        if self._connected and not self._closed:
+            return self
         config = self._config
         self.connect_attempts = 0
         if self._closed:
@@ -205,8 +216,10 @@ class Database:
             on_backoff=log_retry,
             logger=None,
         )(attempt)
+        started = time.monotonic()
         try:
-            retrying()
+            with self.breaker.bypassed():
+                retrying()
         except Exception as error:
             transient = is_transient(error) or isinstance(error, CircuitOpenError)
             kind = "transient, retries exhausted" if transient else "permanent"
@@ -214,10 +227,13 @@ class Database:
             logger.bind(audit="connect_failed", permanent=not transient).error(
                 "cannot connect to {} as {}: {}", config.safe_dsn(), config.username, reason
             )
+            # The cause first: it is what the operator has to fix.
             raise ConnectError(
-                f"cannot connect to {config.safe_dsn()} after {self.connect_attempts} "
-                f"attempt(s) ({kind}): {reason}"
+                f"cannot connect to {config.safe_dsn()}: {reason} (after "
+                f"{self.connect_attempts} attempt(s) in {time.monotonic() - started:.1f}s; "
+                f"{kind})"
             ) from error
+        self._connected = True
         logger.bind(audit="connected").info("connected to {}", config.safe_dsn())
         self._start_sweeper()
         self._start_monitor()
@@ -253,6 +269,7 @@ class Database:
         ``ConnectError`` (with fast paths off, a waiting thread learns it when a connection
         comes back or its timeout ends)."""
         self._closed = True
+        self._connected = False
         for worker in (self._sweeper, self._monitor):
             if worker is not None:
                 worker.stop()
@@ -391,13 +408,23 @@ class Database:
 
         return self.run_alone(operation, retry=retry)
 
+    @overload
     def execute(
         self,
-        statement: Statement,
-        params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        statement: TypedReturnsRows[*_Ts],
+        params: Params | None = None,
         *,
         idempotent: bool | None = None,
-    ) -> Result[Any]:
+    ) -> Result[*_Ts]: ...
+
+    @overload
+    def execute(
+        self, statement: Statement, params: Params | None = None, *, idempotent: bool | None = None
+    ) -> Result[*tuple[Any, ...]]: ...
+
+    def execute(
+        self, statement: Statement, params: Params | None = None, *, idempotent: bool | None = None
+    ) -> Result[*tuple[Any, ...]]:
         """Run one statement: on this thread's open transaction if there is one, else on its
         own in autocommit (one round trip, no BEGIN/COMMIT), or, given several parameter
         sets, in one short transaction (all or nothing).  Rows are fetched before the
@@ -429,6 +456,24 @@ class Database:
         with self.autocommit() as conn:
             result = conn.execute(stmt, params)
             return result.freeze()() if result.returns_rows else result
+
+    @overload
+    def scalar(
+        self,
+        statement: TypedReturnsRows[T],
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool | None = None,
+    ) -> T | None: ...
+
+    @overload
+    def scalar(
+        self,
+        statement: Statement,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool | None = None,
+    ) -> Any: ...
 
     def scalar(
         self,

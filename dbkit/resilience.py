@@ -55,7 +55,19 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._open_for = 0.0  # how long this opening lasts before a probe
         self._probing = False
+        self._bypassing = threading.local()
         self.times_opened = 0
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Calls made by this thread inside go through even when the breaker is open, and
+        their failures are not counted: for ``Database.connect()``, whose own retries are
+        the waiting the breaker would do (a success still closes it)."""
+        self._bypassing.on = True
+        try:
+            yield
+        finally:
+            self._bypassing.on = False
 
     @property
     def state(self) -> BreakerState:
@@ -70,7 +82,7 @@ class CircuitBreaker:
 
     def before_call(self) -> None:
         """Let the call through, or raise ``CircuitOpenError``."""
-        if not self.enabled:
+        if not self.enabled or getattr(self._bypassing, "on", False):
             return
         with self._lock:
             if self._state == "closed":
@@ -103,7 +115,7 @@ class CircuitBreaker:
             )
 
     def record_failure(self, error: BaseException) -> None:
-        if not self.enabled:
+        if not self.enabled or getattr(self._bypassing, "on", False):
             return
         if not is_transient(error):
             with self._lock:

@@ -184,3 +184,20 @@ def test_textual_statements_outside_a_transaction(db: Database) -> None:
     assert db.stats().in_use == 0
     stats = db.query_stats()
     assert stats.errors == 1
+
+
+def test_connect_is_idempotent(db_url: str) -> None:
+    """``with Database.from_url(url).connect() as db`` connects once: a second connect()
+    of a connected Database returns at once; after close() it connects again."""
+    with Database.from_url(db_url).connect() as db:
+        assert db.connect_attempts == 1
+        engine = db.engine
+        assert db.connect() is db
+        assert db.engine is engine
+        assert db.query_stats().statements == 1  # the one SELECT 1 of the first connect()
+    db.connect()
+    try:
+        assert db.engine is not engine
+        assert db.scalar("SELECT 1") == 1
+    finally:
+        db.close()

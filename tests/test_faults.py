@@ -472,18 +472,21 @@ def test_database_down_longer_than_the_retry_window(server: LocalPostgres) -> No
             conn.exec_driver_sql("INSERT INTO kept VALUES (1)")
 
         server.kill()
+        db.connect()  # idempotent: connected already, it returns without a round trip
+        db.close()  # to connect again: close() first
         with pytest.raises(ConnectError) as info:
             db.connect()
         text = str(info.value)
-        assert db.connect_attempts == 5  # max_retries + 1, counting fast breaker refusals
+        assert db.connect_attempts == 5  # max_retries + 1
         assert "after 5 attempt(s)" in text and "retries exhausted" in text
+        assert "connection refused" in text.lower().split("(after")[0]  # the cause, first
         assert dbkit.is_transient(info.value)
         assert PASSWORD not in text
-        assert db.breaker.times_opened >= 1
-        state_while_down: str = db.breaker.state
-        assert state_while_down in ("open", "half_open")
+        # connect()'s own retries are the waiting: they do not open the breaker.
+        assert db.breaker.times_opened == 0 and db.breaker.state == "closed"
         health = db.health()
         assert health.ok is False and health.error
+        assert db.breaker.state == "closed"  # one failure (threshold 3)
 
         # Callers meanwhile: each gets a prompt dbkit error, nobody hangs.
         errors: list[BaseException] = []
@@ -500,9 +503,12 @@ def test_database_down_longer_than_the_retry_window(server: LocalPostgres) -> No
         join_all(callers, timeout=30)
         assert len(errors) == 4
         assert all(isinstance(e, (ConnectError, CircuitOpenError)) for e in errors), errors
+        assert db.breaker.times_opened >= 1  # the callers' failures opened it
+        state_while_down: str = db.breaker.state
+        assert state_while_down in ("open", "half_open")
 
         server.start()
-        db.connect()  # waits out the open breaker within its retries; the probe succeeds
+        db.connect()  # not connected since the failure: connects, past the open breaker
         assert db.breaker.state == "closed"
         assert db.scalar("SELECT count(*) FROM kept") == 1  # nothing committed was lost
         assert db.health().ok

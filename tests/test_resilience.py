@@ -149,16 +149,35 @@ def test_database_down_opens_the_breaker_and_recovers(make_server: Any) -> None:
         db.close()
 
 
-def test_connect_waits_out_an_open_breaker_within_its_retries(free_port: int) -> None:
+def test_connect_retries_neither_open_the_breaker_nor_hide_the_cause(free_port: int) -> None:
+    """connect()'s own retries are the waiting: every attempt reaches the server (none is
+    refused by the breaker), the breaker stays closed, and the error names the cause
+    (refused at host:port), not the breaker."""
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port}/postgres"
     db = Database.from_url(
         url,
         breaker_failure_threshold=2,
-        breaker_recovery_timeout=0.05,
+        breaker_recovery_timeout=30,
         max_retries=4,
         retry_delay=0.02,
     )
-    with pytest.raises(ConnectError, match="retries exhausted"):
+    with pytest.raises(ConnectError, match="retries exhausted") as info:
         db.connect()
     assert db.connect_attempts == 5
-    assert db.breaker.times_opened >= 1
+    assert db.breaker.times_opened == 0 and db.breaker.state == "closed"
+    cause = str(info.value).split("(after")[0].lower()
+    assert "connection refused" in cause and f"127.0.0.1:{free_port}" in cause
+    assert "breaker" not in str(info.value).lower()
+    assert not isinstance(info.value.__cause__, CircuitOpenError)
+
+
+def test_connect_gets_through_a_breaker_opened_by_others(db_url: str) -> None:
+    """The breaker was opened by failed calls; connect() (its own retries) goes through
+    at once, and its success closes the breaker."""
+    db = Database.from_url(db_url, breaker_failure_threshold=1, breaker_recovery_timeout=30)
+    db.breaker.record_failure(refused())
+    assert db.breaker.state == "open"
+    db.connect()
+    assert db.connect_attempts == 1
+    assert db.breaker.state == "closed"
+    db.close()
