@@ -1,8 +1,9 @@
 """A throwaway (or kept) local PostgreSQL server started from the machine's own binaries.
 
-Used by the test suite, by ``dbkit demo`` and by ``dbkit local start|stop|status|url``.  It is
-the "embedded default" without embedding anything: PostgreSQL's own ``initdb``/``pg_ctl`` in a
-private directory, listening on 127.0.0.1 on a free port, never touching a system cluster.
+Used by the test suite, by ``dbkit demo`` and by ``dbkit local start|stop|status|url|destroy``.
+It is the "embedded default" without embedding anything: PostgreSQL's own ``initdb``/``pg_ctl``
+in a private directory, listening on 127.0.0.1 on a free port, never touching a system cluster.
+A throwaway cluster runs without fsync (its data dies with it); a kept one is durable.
 
 PostgreSQL refuses to run as root, and CI often runs as root, so as root the server runs as
 an unprivileged user (``postgres``, else ``nobody``).  Only the directories created here are
@@ -61,6 +62,12 @@ _MAX_SOCKET_DIR_LEN: Final = 85
 _LOG_NAME: Final = "dbkit-postgres.log"
 # A kept cluster's last port, tried first on the next start so its URL stays the same.
 _PORT_NAME: Final = "dbkit-port"
+# Turned off on throwaway (temporary) clusters only; settings= may still override them.
+_THROWAWAY_SETTINGS: Final = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
 
 _INSTALL_HINT: Final = (
     "dbkit needs the PostgreSQL server binaries (initdb, pg_ctl, postgres) to start a local "
@@ -478,8 +485,9 @@ class LocalPostgres:
             self.user,
             "-E",
             "UTF8",
-            "--no-sync",
         ]
+        if self.is_temporary:
+            base.append("--no-sync")  # a throwaway cluster: no fsync of the fresh files
         logger.debug("initdb {} as {}", self.data_dir, user.pw_name if user else "current user")
         with self._password_file(user) as pwfile:
             if pwfile is None:
@@ -522,12 +530,11 @@ class LocalPostgres:
             "listen_addresses": self.host,
             # A too-long socket path would stop the server; TCP is all we need then.
             "unix_socket_directories": socket_dir if len(socket_dir) <= _MAX_SOCKET_DIR_LEN else "",
-            # A test/dev server: durability buys nothing (process crashes are still survived;
-            # an OS crash may cost a kept cluster).
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
         }
+        if self.is_temporary:
+            # A throwaway server: durability buys nothing, its data dies with it.  A kept
+            # cluster keeps PostgreSQL's defaults (on): an OS crash must not corrupt it.
+            opts.update(_THROWAWAY_SETTINGS)
         opts.update(self.settings)
         parts = ["-p", str(port)]
         for key, value in opts.items():
@@ -655,6 +662,36 @@ class LocalPostgres:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
             # The port is kept: a later start() makes a fresh cluster at the same URL.
+
+    def destroy(self) -> None:
+        """Stop the server and delete its cluster, data and all; idempotent.
+
+        A temporary cluster goes as with ``stop()``.  A kept data directory is deleted only
+        when it is a PostgreSQL data directory (it holds ``PG_VERSION``): any other
+        directory is refused with ``DbkitError`` and left untouched, so a wrong
+        ``--data-dir`` cannot wipe someone's files.  A missing directory is a no-op.
+        """
+        if self._given_data_dir is None:
+            self.stop(mode="fast")
+            return
+        data = self._given_data_dir
+        if not data.exists() and not data.is_symlink():
+            return
+        if data.is_symlink():
+            raise DbkitError(f"refusing to delete {str(data)!r}: it is a symbolic link")
+        if not data.is_dir() or not (data / "PG_VERSION").is_file():
+            raise DbkitError(
+                f"refusing to delete {str(data)!r}: not a PostgreSQL data directory "
+                "(no PG_VERSION in it)"
+            )
+        self.stop(mode="fast")
+        if self.is_running():
+            raise DbkitError(f"PostgreSQL in {str(data)!r} is still running; not deleted")
+        try:
+            shutil.rmtree(data)
+        except OSError as error:
+            raise DbkitError(f"could not delete {str(data)!r}: {error}") from error
+        logger.info("deleted the local PostgreSQL cluster in {}", data)
 
     def kill(self) -> None:
         """Stop at once, as a crash would (no checkpoint); data stays for a ``start()``."""

@@ -239,6 +239,61 @@ def test_kept_data_dir_is_reused_and_attachable(kept_parent: Path) -> None:
     assert (data_dir / "PG_VERSION").exists()
 
 
+DURABILITY = (
+    "SELECT current_setting('fsync'), current_setting('synchronous_commit'),"
+    " current_setting('full_page_writes')"
+)
+
+
+def test_kept_cluster_is_durable_temp_cluster_is_not(kept_parent: Path, make_server: Any) -> None:
+    with LocalPostgres(kept_parent / "durable") as kept:
+        assert query(kept, DURABILITY) == [("on", "on", "on")]
+    assert query(make_server(), DURABILITY) == [("off", "off", "off")]
+    # An explicit setting still wins on either kind.
+    with LocalPostgres(kept_parent / "fast", settings={"synchronous_commit": False}) as fast:
+        assert query(fast, DURABILITY) == [("on", "off", "on")]
+
+
+def test_destroy_stops_and_deletes_a_kept_cluster(kept_parent: Path) -> None:
+    data_dir = kept_parent / "doomed"
+    server = LocalPostgres(data_dir).start()
+    port = server.port
+    LocalPostgres(data_dir).destroy()  # a fresh handle, as `dbkit local destroy` has
+    assert not data_dir.exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host="127.0.0.1", port=port, user="postgres", connect_timeout=3)
+    LocalPostgres(data_dir).destroy()  # nothing left: a no-op
+    # A stopped cluster goes too, and a new one can take its place.
+    with LocalPostgres(data_dir) as again:
+        query(again, "SELECT 1")
+    assert (data_dir / "PG_VERSION").exists()
+    LocalPostgres(data_dir).destroy()
+    assert not data_dir.exists()
+
+
+def test_destroy_refuses_a_directory_that_is_not_a_cluster(kept_parent: Path) -> None:
+    precious = kept_parent / "home"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(DbkitError, match="not a PostgreSQL data directory"):
+        LocalPostgres(precious).destroy()
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    link = kept_parent / "link"
+    cluster = kept_parent / "real"
+    LocalPostgres(cluster).start().stop()
+    link.symlink_to(cluster)
+    with pytest.raises(DbkitError, match="symbolic link"):
+        LocalPostgres(link).destroy()
+    assert (cluster / "PG_VERSION").exists()
+
+
+def test_destroy_a_temporary_cluster_is_stop(make_server: Any) -> None:
+    server = make_server()
+    run_dir = server.run_dir
+    server.destroy()
+    assert not run_dir.exists() and not server.is_running()
+
+
 def test_long_data_dir_path_disables_unix_socket(kept_parent: Path) -> None:
     data_dir = kept_parent / ("x" * 60) / ("y" * 40)
     with LocalPostgres(data_dir) as server:
