@@ -16,8 +16,12 @@ Fixtures
     machine's PostgreSQL binaries for the session (works as root too) and stopped at the end.
 ``dbkit_migrate`` (session, ``Callable[[str], object] | None``)
     What brings the fresh database to the schema the tests need; called once with its URL.
-    Default: ``dbkit.migrate.upgrade(url)`` (alembic to ``head``).  Override it in your
-    conftest, **session-scoped**, e.g. to use ``metadata.create_all``::
+    Default: ``dbkit.migrate.upgrade(url)``, the project's alembic migrations to ``head``:
+    the ``alembic.ini`` named by the ini option ``dbkit_alembic_ini`` (relative to the
+    pytest configuration file), else ``$DBKIT_ALEMBIC_INI``, else ``alembic.ini`` in
+    pytest's rootdir (the directory of ``pytest.ini`` / ``pyproject.toml``), whichever
+    directory pytest runs from; else ``./alembic.ini``.  Override it in your conftest,
+    **session-scoped**, e.g. to use ``metadata.create_all``::
 
         @pytest.fixture(scope="session")
         def dbkit_migrate():
@@ -56,11 +60,13 @@ Limits of the rollback-per-test approach (the same as Django's ``TestCase``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 try:
@@ -84,9 +90,11 @@ if TYPE_CHECKING:
     from dbkit.local import LocalPostgres
 
 __all__ = [
+    "ALEMBIC_INI_OPTION",
     "ENV_DATABASE_URL",
     "CaptureOnCommit",
     "MigrateFn",
+    "alembic_ini",
     "capture_on_commit_callbacks",
     "dbkit_database",
     "dbkit_database_url",
@@ -96,6 +104,7 @@ __all__ = [
 ]
 
 ENV_DATABASE_URL = "DBKIT_TEST_DATABASE_URL"
+ALEMBIC_INI_OPTION = "dbkit_alembic_ini"
 _DB_PREFIX = "dbkit_test_"
 
 MigrateFn = Callable[[str], object]
@@ -189,23 +198,57 @@ def _local_server() -> Iterator[LocalPostgres]:
         server.stop(mode="fast")
 
 
-def _default_migrate(url: str) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        ALEMBIC_INI_OPTION,
+        "alembic.ini whose migrations dbkit.testing runs on the test database (relative to "
+        "this configuration file; default: alembic.ini in pytest's rootdir)",
+        default="",
+    )
+
+
+def alembic_ini(config: pytest.Config) -> Path | None:
+    """The alembic.ini the default ``dbkit_migrate`` uses for this pytest run.
+
+    The ini option ``dbkit_alembic_ini`` (relative to the configuration file's directory)
+    > ``$DBKIT_ALEMBIC_INI`` > ``alembic.ini`` in pytest's rootdir.  None: neither is
+    there, and ``dbkit.migrate.find_alembic_ini`` decides (``./alembic.ini``, a checkout's).
+    """
+    option = str(config.getini(ALEMBIC_INI_OPTION) or "").strip()
+    if option:
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+        path = (base / Path(option).expanduser()).absolute()
+        if not path.is_file():
+            where = config.inipath or config.rootpath
+            pytest.fail(
+                f"dbkit.testing: {ALEMBIC_INI_OPTION} = {option} ({where}): no such file {path}",
+                pytrace=False,
+            )
+        return path
+    if os.environ.get("DBKIT_ALEMBIC_INI"):  # dbkit.migrate.ALEMBIC_INI_VAR
+        return None
+    in_rootdir = config.rootpath / "alembic.ini"
+    return in_rootdir if in_rootdir.is_file() else None
+
+
+def _default_migrate(url: str, config_path: Path | None = None) -> None:
     # Imported here: Alembic loads only for runs that use the default.
     from dbkit.migrate import upgrade
 
-    upgrade(url)
+    upgrade(url, config_path=config_path)
 
 
 @pytest.fixture(scope="session")
-def dbkit_migrate() -> MigrateFn | None:
+def dbkit_migrate(pytestconfig: pytest.Config) -> MigrateFn | None:
     """How the fresh test database gets its schema: called once per run with its URL.
 
-    Default: ``dbkit.migrate.upgrade(url)``, i.e. the alembic migrations to ``head``, with
-    the alembic.ini ``dbkit migrate`` would use (``$DBKIT_ALEMBIC_INI``, ``./alembic.ini``).
-    Override it (session scope) to run your own migrations or ``metadata.create_all``;
-    return ``None`` for an empty database.
+    Default: ``dbkit.migrate.upgrade(url)``, i.e. the project's alembic migrations to
+    ``head``, with the alembic.ini that :func:`alembic_ini` finds (the ini option
+    ``dbkit_alembic_ini``, ``$DBKIT_ALEMBIC_INI``, or ``alembic.ini`` in pytest's rootdir),
+    wherever pytest was started.  Override it (session scope) to run your own migrations or
+    ``metadata.create_all``; return ``None`` for an empty database.
     """
-    return _default_migrate
+    return functools.partial(_default_migrate, config_path=alembic_ini(pytestconfig))
 
 
 @pytest.fixture(scope="session")

@@ -450,3 +450,123 @@ def test_threads_migrating_different_databases_take_turns(db_url: str, db: Datab
         assert _migration_state(other) == ([], set())
     finally:
         db.execute(f'DROP DATABASE "{side}" WITH (FORCE)')
+
+
+# ------------------------------------------------------- revision, stamp, run_env
+
+RUN_ENV = '''\
+"""env.py as `dbkit init` writes it: dbkit's runner, the project's models."""
+from alembic import context
+
+import dbkit
+from dbkit.migrate import run_env
+from dbkit.schema import metadata as target_metadata
+
+run_env(target_metadata, settings=dbkit.load_settings)
+'''
+
+
+@pytest.fixture
+def run_env_migrations(private_migrations: Path) -> Path:
+    """``private_migrations`` whose env.py is the one-call ``dbkit.migrate.run_env``."""
+    (private_migrations.parent / "migrations" / "env.py").write_text(RUN_ENV)
+    return private_migrations
+
+
+def test_revision_without_autogenerate_is_an_empty_new_head(run_env_migrations: Path) -> None:
+    new = migrate.revision("add orders", config_path=run_env_migrations)
+    assert new.path.parent == run_env_migrations.parent / "migrations" / "versions"
+    assert new.path.name == f"{new.revision}_add_orders.py" and new.changes == ()
+    text = new.path.read_text()
+    assert (
+        text.startswith('"""add orders')
+        and f"down_revision: str | Sequence[str] | None = {HEAD!r}" in text
+    )
+    assert migrate.heads(config_path=run_env_migrations) == [new.revision]
+    with pytest.raises(migrate.MigrationError, match="message"):
+        migrate.revision("  ", config_path=run_env_migrations)
+
+
+def test_revision_autogenerate_writes_what_the_models_add(
+    db: Database, run_env_migrations: Path
+) -> None:
+    models = copy_of_metadata()
+    sa.Table("orders", models, sa.Column("id", sa.Integer, primary_key=True))
+    models.tables["users"].append_column(sa.Column("note", sa.Text))
+    with pytest.raises(migrate.MigrationError, match="not at head"):
+        migrate.revision(
+            "too early",
+            autogenerate=True,
+            target=db,
+            metadata=models,
+            config_path=run_env_migrations,
+        )
+    migrate.upgrade(db, config_path=run_env_migrations)
+    new = migrate.revision(
+        "orders", autogenerate=True, target=db, metadata=models, config_path=run_env_migrations
+    )
+    assert sorted(new.changes) == ["add_column users.note", "add_table orders"]
+    assert "op.create_table(" in new.path.read_text() and "'orders'" in new.path.read_text()
+    assert "orders" not in tables(db)  # comparing wrote nothing
+    migrate.upgrade(db, config_path=run_env_migrations)
+    assert "orders" in tables(db)
+    migrate.check(db, metadata=models, config_path=run_env_migrations)
+    again = migrate.revision(
+        "nothing", autogenerate=True, target=db, metadata=models, config_path=run_env_migrations
+    )
+    assert again.changes == ()
+
+
+def test_plain_alembic_with_run_env_holds_the_lock_in_one_transaction(
+    db: Database, db_url: str, run_env_migrations: Path
+) -> None:
+    """The plain ``alembic`` command through run_env: it waits for the migration lock, and
+    takes its database from dbkit's settings (DATABASE_URL here)."""
+    project = run_env_migrations.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBKIT_")}
+    env["DATABASE_URL"] = db_url
+    holder = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        with holder.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": migrate.MIGRATION_LOCK_KEY})
+            conn.commit()
+            waiting = subprocess.Popen(
+                [sys.executable, "-m", "alembic", "upgrade", "head"],
+                cwd=project,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            with pytest.raises(subprocess.TimeoutExpired):
+                waiting.wait(timeout=3)
+            assert migrate.current(db) is None  # still waiting for the lock
+            conn.execute(
+                sa.text("SELECT pg_advisory_unlock(:k)"), {"k": migrate.MIGRATION_LOCK_KEY}
+            )
+            conn.commit()
+        _, stderr = waiting.communicate(timeout=120)
+    finally:
+        holder.dispose()
+    assert waiting.returncode == 0, stderr
+    assert migrate.current(db) == HEAD
+    # A broken revision: the whole run rolls back, the version row included.
+    migrate.downgrade(db, "base", config_path=run_env_migrations)
+    broken = migrate.revision("broken", config_path=run_env_migrations)
+    broken.path.write_text(
+        broken.path.read_text().replace(
+            "def upgrade() -> None:\n    pass",
+            'def upgrade() -> None:\n    op.execute("SELECT nope()")',
+        )
+    )
+    failed = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode != 0 and "nope()" in failed.stderr
+    # (alembic_version stays from the first upgrade: downgrades empty it, never drop it)
+    assert migrate.current(db) is None and tables(db) == {"alembic_version"}

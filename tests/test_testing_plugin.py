@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from dbkit.local import LocalPostgres
+from dbkit.testing import ALEMBIC_INI_OPTION
 
 pytest_plugins = ["pytester"]
 
@@ -460,3 +461,80 @@ def test_own_local_server_without_url(
     # The server is gone with the session.
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), connect_timeout=3)
+
+
+# A project's own migrations: one revision making a table the checkout's migrations lack.
+OWN_REVISION = '''\
+"""widgets"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "w1"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table("widgets", sa.Column("id", sa.Integer, primary_key=True))
+
+
+def downgrade():
+    op.drop_table("widgets")
+'''
+
+OWN_SCHEMA_TEST = """
+def test_own_schema(dbkit_db):
+    tables = {
+        name
+        for (name,) in dbkit_db.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        )
+    }
+    assert "widgets" in tables and "users" not in tables
+"""
+
+
+def own_migrations(directory: Path) -> Path:
+    """alembic.ini + migrations/ in ``directory`` (dbkit.migrate.run_env as env.py)."""
+    (directory / "migrations" / "versions").mkdir(parents=True)
+    (directory / "migrations" / "env.py").write_text(
+        "from dbkit.migrate import run_env\n\nrun_env(None)\n"
+    )
+    (directory / "migrations" / "versions" / "w1_widgets.py").write_text(OWN_REVISION)
+    ini = directory / "alembic.ini"
+    ini.write_text("[alembic]\nscript_location = %(here)s/migrations\n")
+    return ini
+
+
+def test_alembic_ini_from_the_rootdir_when_run_from_a_subdirectory(
+    pytester: pytest.Pytester, on_server: LocalPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The project's alembic.ini is found from pytest's rootdir, not the working directory:
+    pytest run from tests/ migrates with the project's migrations."""
+    monkeypatch.delenv("DBKIT_ALEMBIC_INI", raising=False)
+    own_migrations(pytester.path)
+    pytester.makeini("[pytest]\n")
+    pytester.makeconftest('pytest_plugins = ["dbkit.testing"]')
+    tests = pytester.mkdir("tests")
+    (tests / "test_own.py").write_text(OWN_SCHEMA_TEST)
+    run(pytester).assert_outcomes(passed=1)  # from the root
+    monkeypatch.chdir(tests)
+    run(pytester).assert_outcomes(passed=1)  # from tests/
+
+
+def test_alembic_ini_from_the_ini_option(
+    pytester: pytest.Pytester, on_server: LocalPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DBKIT_ALEMBIC_INI", raising=False)
+    db_dir = pytester.mkdir("db")
+    own_migrations(db_dir)
+    pytester.makeini(f"[pytest]\n{ALEMBIC_INI_OPTION} = db/alembic.ini\n")
+    pytester.makeconftest('pytest_plugins = ["dbkit.testing"]')
+    pytester.makepyfile(test_own=OWN_SCHEMA_TEST)
+    run(pytester).assert_outcomes(passed=1)
+
+    pytester.makeini(f"[pytest]\n{ALEMBIC_INI_OPTION} = nowhere/alembic.ini\n")
+    result = run(pytester)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*{ALEMBIC_INI_OPTION} = nowhere/alembic.ini*no such file*"])
