@@ -30,6 +30,7 @@ __all__ = [
     "InterceptHandler",
     "configure_from_settings",
     "configure_logging",
+    "is_secret_name",
     "redact",
 ]
 
@@ -67,6 +68,12 @@ _URL_RE: Final = re.compile(
     r"(?P<prefix>\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*):(?P<pw>[^\s/?#]*)@",
     re.IGNORECASE,
 )
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a key (``api_token``, ``db_password``, ``stripeApiKey`` …) names a secret,
+    whose value must not be shown."""
+    return _SECRET_KEY_RE.search(name) is not None
 
 
 def _mask_kv(match: re.Match[str]) -> str:
@@ -146,14 +153,31 @@ def _install_intercepts(level_no: int, sql: bool) -> None:
     logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO if sql else logging.NOTSET)
 
 
+class _LogConfigLike(Protocol):
+    @property
+    def level(self) -> str: ...
+
+    @property
+    def json(self) -> bool: ...
+
+
 def configure_logging(
-    level: str | int = "INFO",
-    json: bool = False,
+    level: str | int | _LogConfigLike = "INFO",
+    json: bool | None = None,
     *,
-    sql: bool = False,
+    sql: bool | None = None,
     sink: Any = sys.stderr,
 ) -> None:
     """Send dbkit's (and the application's) logs to one loguru sink, secrets redacted.
+
+    ``level`` is a level name or number, or the settings' :class:`~dbkit.settings.LogConfig`
+    (anything with ``level`` and ``json``, and optionally ``sql``, attributes)::
+
+        dbkit.configure_logging(settings.log)
+        dbkit.configure_logging("DEBUG", json=True)
+
+    With a ``LogConfig``, its ``json`` and ``sql`` apply unless the ``json=``/``sql=``
+    keywords are given, which win.  Otherwise both default to off.
 
     Replaces loguru's handlers (so calling it twice does not duplicate output), enables the
     ``dbkit`` loggers, and routes SQLAlchemy/backoff/alembic standard-library logs in.
@@ -161,6 +185,11 @@ def configure_logging(
     SQL statements.  ``sink`` is anything ``logger.add`` accepts; a file path is created
     with mode 0600.
     """
+    if not isinstance(level, (str, int)):
+        config = level
+        level = config.level
+        json = bool(config.json) if json is None else json
+        sql = bool(getattr(config, "sql", False)) if sql is None else sql
     if isinstance(level, str):
         level = level.upper()
     level_no = logger.level(level).no if isinstance(level, str) else level
@@ -174,33 +203,19 @@ def configure_logging(
     logger.add(
         sink,
         level=level,
-        serialize=json,
+        serialize=bool(json),
         # diagnose would print local variable values (credentials included) in tracebacks.
         diagnose=False,
         backtrace=False,
         **file_options,
     )
     logger.enable("dbkit")
-    _install_intercepts(level_no, sql)
-
-
-class _LogConfigLike(Protocol):
-    @property
-    def level(self) -> str: ...
-
-    @property
-    def json(self) -> bool: ...
+    _install_intercepts(level_no, bool(sql))
 
 
 def configure_from_settings(log_config: _LogConfigLike, *, sink: Any = sys.stderr) -> None:
-    """:func:`configure_logging` from a settings object with ``level``, ``json`` (and
-    optionally ``sql``) attributes, e.g. ``Settings.log``."""
-    configure_logging(
-        level=log_config.level,
-        json=bool(log_config.json),
-        sql=bool(getattr(log_config, "sql", False)),
-        sink=sink,
-    )
+    """``configure_logging(log_config, sink=sink)``, kept for existing callers."""
+    configure_logging(log_config, sink=sink)
 
 
 def _private_opener(path: str, flags: int) -> int:

@@ -18,8 +18,10 @@ from dbkit.logging import (
     InterceptHandler,
     configure_from_settings,
     configure_logging,
+    is_secret_name,
     redact,
 )
+from dbkit.settings import LogConfig
 
 STD_LOGGERS = (*INTERCEPTED_LOGGERS, "sqlalchemy.engine")
 
@@ -162,6 +164,53 @@ def test_configure_from_settings_duck_types() -> None:
     [line] = sink.getvalue().splitlines()
     assert json.loads(line)["record"]["message"] == "kept"
     assert logging.getLogger("sqlalchemy.engine").level == logging.NOTSET  # no sql attribute
+
+
+def test_configure_logging_takes_the_settings_log_config() -> None:
+    sink = io.StringIO()
+    configure_logging(LogConfig(level="warning", json=True, sql=True), sink=sink)
+    log_from_dbkit("dropped", level="INFO")
+    log_from_dbkit("kept", level="WARNING")
+    [line] = sink.getvalue().splitlines()
+    assert json.loads(line)["record"]["message"] == "kept"  # level and json from the config
+    assert logging.getLogger("sqlalchemy.engine").level == logging.INFO  # and sql
+
+
+def test_keywords_win_over_the_log_config() -> None:
+    sink = io.StringIO()
+    configure_logging(
+        LogConfig(level="INFO", json=True, sql=True), json=False, sql=False, sink=sink
+    )
+    log_from_dbkit("plain text")
+    assert "plain text" in sink.getvalue()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(sink.getvalue().splitlines()[0])
+    assert logging.getLogger("sqlalchemy.engine").level == logging.NOTSET
+
+
+def test_keyword_form_defaults_json_and_sql_off() -> None:
+    sink = io.StringIO()
+    configure_logging("INFO", sink=sink)
+    log_from_dbkit("plain")
+    assert sink.getvalue().rstrip().endswith("plain")
+    assert logging.getLogger("sqlalchemy.engine").level == logging.NOTSET
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("password", True),
+        ("db_password", True),
+        ("api_token", True),
+        ("stripeApiKey", True),
+        ("client_secret", True),
+        ("chunk_size", False),
+        ("host", False),
+        ("keyspace", False),
+    ],
+)
+def test_is_secret_name(name: str, secret: bool) -> None:
+    assert is_secret_name(name) is secret
 
 
 def test_file_sink_is_private(tmp_path: Any) -> None:
