@@ -15,6 +15,11 @@ Re-running is idempotent: the load replaces staging and the previous run's rejec
 upsert writes the same users again.  An interrupted run leaves whole chunks only (each is
 one transaction); running again completes the job.  Copy this module and change the parts
 that are about users.
+
+The demo's tables are dbkit's own schema (``dbkit.schema``), and it always migrates them with
+the migrations the package ships (:func:`alembic_ini`), never with an ``alembic.ini`` or
+settings found in the working directory: inside a project of yours, ``dbkit demo`` still
+runs on its own throwaway server (:func:`throwaway_database`) with its own tables.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import csv
 import itertools
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,23 +38,30 @@ from typing import IO, Any, TypeVar
 
 import sqlalchemy as sa
 
+from dbkit import migrate
 from dbkit.database import Database
 from dbkit.errors import DbkitError, IntegrityError
 from dbkit.progress import Progress
 from dbkit.repositories import HealthRepository, UserRepository
 from dbkit.repository import Repository
 from dbkit.schema import import_rejects, users_staging
+from dbkit.settings import PostgresConfig
 
 __all__ = [
     "DemoInputError",
     "DemoResult",
+    "DemoSchemaError",
     "Phase",
     "Reject",
     "StagedUser",
+    "alembic_ini",
+    "check_schema",
     "generate",
+    "migrate_schema",
     "print_summary",
     "read_csv",
     "run",
+    "throwaway_database",
 ]
 
 T = TypeVar("T")
@@ -90,6 +103,59 @@ class StagingRepository(Repository[StagedUser]):
 class RejectRepository(Repository[Reject]):
     table = import_rejects
     model = Reject
+
+
+# ------------------------------------------------------------------------ the schema
+
+
+class DemoSchemaError(DbkitError):
+    """The database the demo was given does not have the demo's tables (at their head)."""
+
+
+def alembic_ini() -> Path:
+    """The alembic.ini of the demo's schema as the package ships it (whatever the working
+    directory holds): :func:`dbkit.migrate.packaged_alembic_ini`."""
+    return migrate.packaged_alembic_ini()
+
+
+def migrate_schema(target: migrate.Target) -> str | None:
+    """Create (or bring up to date) the demo's tables in ``target`` with the demo's own
+    migrations; the revision it is at now."""
+    return migrate.upgrade(target, config_path=alembic_ini())
+
+
+def check_schema(db: Database) -> None:
+    """Raise :class:`DemoSchemaError` unless ``db`` is at the head of the demo's own
+    migrations.  A database you name for the demo is never migrated by it: the message
+    says how to do it, or to use a throwaway server."""
+    ini = alembic_ini()
+    current, heads = migrate.current(db), migrate.heads(config_path=ini)
+    if current not in heads:
+        raise DemoSchemaError(
+            f"{db.config.safe_dsn()} is at revision {current or 'base'}, not at the demo's "
+            f"{', '.join(heads)}: run `dbkit migrate upgrade --ini {ini}` first "
+            "(the demo's own migrations), or use --local"
+        )
+
+
+@contextlib.contextmanager
+def throwaway_database(out: IO[str] | None = None) -> Iterator[Database]:
+    """A throwaway local PostgreSQL from the machine's binaries (:class:`dbkit.local.
+    LocalPostgres`), migrated with the demo's own migrations and connected; stopped and
+    deleted on the way out, Ctrl-C included.  Nothing of the working directory's settings
+    or alembic.ini is used: the server's URL is the whole configuration.  Where it runs is
+    printed to ``out`` (default stdout)."""
+    from dbkit.local import LocalPostgres
+
+    out = sys.stdout if out is None else out
+    with LocalPostgres() as server:
+        print(f"database    throwaway local PostgreSQL {server.url}", file=out)
+        print(
+            f"            in {server.data_dir}, stopped and removed at exit", file=out, flush=True
+        )
+        with Database(PostgresConfig.from_url(server.url)) as db:
+            migrate_schema(db)
+            yield db
 
 
 # -------------------------------------------------------------------------- extract

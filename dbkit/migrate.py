@@ -64,6 +64,7 @@ __all__ = [
     "find_alembic_ini",
     "heads",
     "history",
+    "packaged_alembic_ini",
     "revision",
     "revisions",
     "run_command",
@@ -145,8 +146,24 @@ def find_alembic_ini(config_path: str | os.PathLike[str] | None = None) -> Path:
     looked = ", ".join(str(path) for path in candidates)
     raise MigrationError(
         f"no alembic.ini found (looked in {looked}); pass config_path, set "
-        f"{ALEMBIC_INI_VAR}, or run from the project directory"
+        f"{ALEMBIC_INI_VAR}, or run from the project directory (`dbkit init` writes one)"
     )
+
+
+def packaged_alembic_ini() -> Path:
+    """The alembic.ini of dbkit's own schema (the demo's tables, ``dbkit.schema``), as the
+    package ships it: ``dbkit/migrations/alembic.ini`` in an installation, the repository's
+    ``migrations/alembic.ini`` in a checkout.  Never a file of the working directory, so
+    ``dbkit demo`` migrates its server with its own migrations inside anyone's project."""
+    spec = importlib.util.find_spec("dbkit.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        directory = Path(next(iter(spec.submodule_search_locations)))
+    else:  # a checkout on sys.path, not installed: the repository's own layout
+        directory = Path(__file__).resolve().parent.parent / "migrations"
+    path = directory / "alembic.ini"
+    if not path.is_file():
+        raise MigrationError(f"dbkit's own migrations are missing: no {path}")
+    return path
 
 
 def alembic_config(config_path: str | os.PathLike[str] | None = None) -> Config:

@@ -1,13 +1,17 @@
 """The batch demo's pieces in-process on a migrated database: bad records isolated one by
-one, CSV input checked with the line named, a failed load leaving staging as it was."""
+one, CSV input checked with the line named, a failed load leaving staging as it was; the
+demo's own schema and migrations used whatever the working directory holds."""
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
+import psycopg
 import pytest
 import sqlalchemy as sa
+from users_project import make_users_project, users_migrations_ran
 
 from dbkit import Database, demo, migrate
 
@@ -110,3 +114,77 @@ def test_bad_csv_input_is_named_and_nothing_is_loaded(
 def test_a_missing_csv_is_named(tmp_path: Path) -> None:
     with pytest.raises(demo.DemoInputError, match=r"cannot read .*nowhere\.csv"):
         list(demo.read_csv(tmp_path / "nowhere.csv"))
+
+
+# ------------------------------------------------- the demo's own schema, in anyone's project
+
+
+def tables(db: Database) -> set[str]:
+    return set(column(db, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
+
+
+@pytest.fixture
+def in_users_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working directory is a user's project whose alembic.ini (also named by
+    $DBKIT_ALEMBIC_INI) is what a plain `dbkit migrate` would take."""
+    project = make_users_project(tmp_path / "orders")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv(migrate.ALEMBIC_INI_VAR, str(project / "alembic.ini"))
+    assert migrate.find_alembic_ini() == project / "alembic.ini"
+    return project
+
+
+def test_the_demo_migrates_with_its_own_migrations(in_users_project: Path, db: Database) -> None:
+    ini = demo.alembic_ini()
+    assert ini == migrate.packaged_alembic_ini() != in_users_project / "alembic.ini"
+    assert (ini.parent / "env.py").is_file() and (ini.parent / "versions").is_dir()
+
+    # The control: a plain migration in this directory takes the user's migrations (here
+    # in a transaction rolled back, which leaves the database empty again).
+    with db.engine.connect() as conn, conn.begin() as transaction:
+        migrate.upgrade(conn)
+        assert migrate.current(conn) == "a1_orders"
+        transaction.rollback()
+    assert users_migrations_ran(in_users_project) and not tables(db)
+    (in_users_project / "migrations" / "ENV_RAN").unlink()
+
+    assert demo.migrate_schema(db) == migrate.heads(config_path=ini)[0] == "0002"
+    assert {"users", "users_staging", "import_rejects", "health_checks"} <= tables(db)
+    assert "orders" not in tables(db)
+    assert not users_migrations_ran(in_users_project)
+
+
+def test_check_schema_compares_with_the_demos_own_head(
+    in_users_project: Path, db: Database
+) -> None:
+    with pytest.raises(demo.DemoSchemaError) as caught:
+        demo.check_schema(db)
+    message = str(caught.value)
+    assert "at revision base, not at the demo's 0002" in message
+    assert f"dbkit migrate upgrade --ini {demo.alembic_ini()}" in message
+    demo.migrate_schema(db)
+    demo.check_schema(db)  # at the demo's head, though not at the project's a1_orders
+
+
+@pytest.mark.slow
+def test_the_throwaway_database_takes_nothing_from_the_working_directory(
+    in_users_project: Path, monkeypatch: pytest.MonkeyPatch, free_port: int
+) -> None:
+    # Settings that name another server: the throwaway one is used all the same.
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://nobody@127.0.0.1:{free_port}/orders")
+    out = io.StringIO()
+    with demo.throwaway_database(out) as db:
+        printed = re.search(
+            r"throwaway local PostgreSQL (\S+)\n +in (\S+), stopped", out.getvalue()
+        )
+        assert printed, out.getvalue()
+        assert db.config.port != free_port and db.config.application_name != "orders-importer"
+        assert {"users", "users_staging", "import_rejects"} <= tables(db)
+        assert "orders" not in tables(db)
+        result = demo.run(db, demo.generate(300), total=300, out=out)
+        assert (result.loaded, result.rejected) == (300, 0)
+    assert not users_migrations_ran(in_users_project)
+    url, data_dir = printed.group(1).replace("+psycopg", ""), Path(printed.group(2))
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url, connect_timeout=3)
+    assert not data_dir.exists()
