@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "dbkit.local",
             "dbkit.migrate",
+            "dbkit.scaffold",
             "dbkit.cli",
             "dbkit.demo",
             "dbkit.testing",
