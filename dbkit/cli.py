@@ -1,5 +1,8 @@
 """The ``dbkit`` command line.  Exit codes: 0 ok, 1 the operation failed, 2 bad usage or
-settings; a failure prints one line on stderr saying why."""
+settings; a failure prints one line on stderr saying why (``--debug``: the traceback too).
+
+Parsing only: each command's work lives in its module (dbkit.migrate, dbkit.local,
+dbkit.scaffold, dbkit.demo …)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbkit.database import Database
 from dbkit.errors import ConfigError, DbkitError
@@ -23,6 +27,10 @@ from dbkit.settings import (
     describe_settings,
     load_settings,
 )
+
+if TYPE_CHECKING:
+    from dbkit.local import LocalPostgres
+    from dbkit.scaffold import MetadataSpec
 
 __all__ = ["main"]
 
@@ -52,12 +60,24 @@ class CommandFailed(DbkitError):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dbkit", description="dbkit: PostgreSQL toolkit command line"
+        prog="dbkit",
+        description="dbkit: PostgreSQL toolkit command line",
+        epilog=(
+            "Exit codes: 0 ok, 1 the operation failed, 2 bad usage or settings.  A failure "
+            "prints one line on stderr; --debug adds the traceback."
+        ),
     )
     parser.add_argument("--env", help="settings environment (development, testing, production)")
     parser.add_argument(
-        "--settings", action="append", metavar="FILE", help="settings file (repeatable)"
+        "--settings",
+        action="append",
+        metavar="FILE",
+        help=(
+            "one more settings file, loaded after the default ones (config/settings.toml, "
+            "config/.secrets.toml), so its values win; repeatable, the last one wins"
+        ),
     )
+    parser.add_argument("--debug", action="store_true", help="on failure, print the traceback too")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser(
@@ -76,14 +96,63 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--json", action="store_true", help="print the settings as JSON")
     config.set_defaults(handler=_config)
 
+    _add_init(commands)
     _add_migrate(commands)
     _add_local(commands)
     _add_demo(commands)
     return parser
 
 
+def _add_init(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``dbkit init [DIR] [--metadata MODULE:ATTR]`` (see dbkit.scaffold)."""
+    init = commands.add_parser(
+        "init",
+        help="scaffold a project: alembic.ini, migrations/, config/, conftest.py",
+        description=(
+            "Write what a project needs to use dbkit for its own schema: alembic.ini and "
+            "migrations/ (env.py runs dbkit's migration runner with your MetaData), "
+            "config/settings.toml and config/.secrets.toml.example (and a .gitignore line "
+            "for config/.secrets.toml), conftest.py enabling the dbkit.testing pytest "
+            "plugin, and pytest.ini when the project has no pytest configuration.  A file "
+            "that exists is never overwritten: it is skipped, and listed as such."
+        ),
+    )
+    init.add_argument(
+        "directory",
+        nargs="?",
+        type=Path,
+        default=Path("."),
+        metavar="DIR",
+        help="the project's directory (default: the current one; created if missing)",
+    )
+    init.add_argument(
+        "--metadata",
+        type=_metadata_spec,
+        metavar="MODULE:ATTR",
+        help=(
+            "your tables' sqlalchemy MetaData, imported by migrations/env.py for "
+            "autogenerate and `dbkit migrate check`, e.g. orders.models:metadata"
+        ),
+    )
+    init.add_argument(
+        "--database",
+        metavar="NAME",
+        help="the database name in config/settings.toml (default: from DIR's name)",
+    )
+    init.set_defaults(handler=_init)
+
+
+def _metadata_spec(text: str) -> MetadataSpec:
+    from dbkit.scaffold import parse_metadata_spec
+
+    try:
+        return parse_metadata_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``dbkit local start|stop|status|url``: a kept local PostgreSQL (dbkit.local)."""
+    """``dbkit local start|stop|status|url|destroy``: a kept local PostgreSQL (dbkit.local)."""
     from dbkit.local import default_data_dir
 
     local = commands.add_parser(
@@ -102,6 +171,14 @@ def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     start.add_argument("--port", type=int, help="TCP port (default: the last one, else free)")
     actions.add_parser("stop", parents=[common], help="stop the server; the data stays")
+    destroy = actions.add_parser(
+        "destroy",
+        parents=[common],
+        help="stop the server and delete its data directory (asks first; --yes does not)",
+    )
+    destroy.add_argument(
+        "--yes", action="store_true", help="do not ask: delete the cluster and all its data"
+    )
     actions.add_parser(
         "status", parents=[common], help="print whether it runs (exit 3 when it does not)"
     )
@@ -169,7 +246,8 @@ def _count(text: str) -> int:
 
 
 def _add_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``dbkit migrate upgrade|downgrade|current|history|heads|check`` (see dbkit.migrate)."""
+    """``dbkit migrate upgrade|downgrade|stamp|current|history|heads|check|revision``
+    (see dbkit.migrate)."""
     migrate = commands.add_parser(
         "migrate", help="schema migrations (Alembic, alembic.ini + migrations/)"
     )
@@ -193,6 +271,29 @@ def _add_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="downgrade to REVISION (default -1: one step; base: everything)",
     )
     downgrade.add_argument("revision", nargs="?", default="-1")
+    stamp = actions.add_parser(
+        "stamp",
+        parents=[common],
+        help="record REVISION as the database's current one, running no migration",
+    )
+    stamp.add_argument("revision", metavar="REVISION", help="a revision id, head, or base")
+    revision = actions.add_parser(
+        "revision",
+        parents=[common],
+        help="write a new revision script (--autogenerate: from the models' differences)",
+        description=(
+            "Write a new revision script into the migrations' versions directory.  With "
+            "--autogenerate it holds what the models (the MetaData in migrations/env.py) "
+            "have and the database (which must be at head) lacks; the database is only "
+            "read.  Check the script before running it: autogenerate misses renames and "
+            "some changes."
+        ),
+    )
+    revision.add_argument("-m", "--message", required=True, help="what the revision does")
+    revision.add_argument(
+        "--autogenerate", action="store_true", help="compare the models with the database"
+    )
+    revision.add_argument("--rev-id", help="the revision id (default: a random one)")
     actions.add_parser("current", parents=[common], help="print the database's revision")
     actions.add_parser("history", parents=[common], help="list the revisions, oldest first")
     actions.add_parser("heads", parents=[common], help="print the head revision(s)")
@@ -212,13 +313,19 @@ def _target(args: argparse.Namespace) -> Iterator[tuple[PostgresConfig, str]]:
         with LocalPostgres() as server:
             yield PostgresConfig.from_url(server.url), "local"
         return
-    settings = load_settings(env=args.env, settings_files=args.settings)
+    settings = load_settings(env=args.env, settings_files=_settings_files(args))
     yield _with_url(settings.database.postgres, args), settings.env
+
+
+def _settings_files(args: argparse.Namespace) -> list[str] | None:
+    """The ``--settings`` files: ``load_settings`` reads them after the config directory's
+    own files (they add to them, and win)."""
+    return list(args.settings) if args.settings else None
 
 
 def _configured(args: argparse.Namespace) -> PostgresConfig:
     """The settings' database, with ``--url`` applied."""
-    settings = load_settings(env=args.env, settings_files=args.settings)
+    settings = load_settings(env=args.env, settings_files=_settings_files(args))
     return _with_url(settings.database.postgres, args)
 
 
@@ -277,8 +384,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    settings = load_settings(env=args.env, settings_files=args.settings)
-    rows = describe_settings(env=settings.env, settings_files=args.settings)
+    files = _settings_files(args)
+    settings = load_settings(env=args.env, settings_files=files)
+    rows = describe_settings(env=settings.env, settings_files=files)
     if args.json:
         payload = {
             "environment": settings.env,
@@ -286,9 +394,8 @@ def _config(args: argparse.Namespace) -> int:
         }
         print(json.dumps(payload, indent=2))
         return EXIT_OK
-    files = args.settings or default_settings_files()
     print(f"environment  {settings.env}")
-    for path in files:
+    for path in [*default_settings_files(), *(Path(name) for name in files or ())]:
         print(f"file         {path}{'' if Path(path).exists() else ' (not found)'}")
     width = max(len(key) for key, _, _ in rows)
     value_width = min(max(len(value) for _, value, _ in rows), 40)
@@ -301,6 +408,8 @@ def _local(args: argparse.Namespace) -> int:
     from dbkit.local import LocalPostgres, default_data_dir
 
     data_dir = args.data_dir or default_data_dir()
+    if args.action == "destroy":
+        return _local_destroy(LocalPostgres(data_dir), args.yes)
     if args.action == "start":
         server = LocalPostgres(data_dir, port=args.port)
         if server.is_running():
@@ -332,17 +441,35 @@ def _local(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _local_destroy(server: LocalPostgres, yes: bool) -> int:
+    data_dir = server.data_dir
+    if not data_dir.exists() and not data_dir.is_symlink():
+        print(f"nothing to delete: no {data_dir}")
+        return EXIT_OK
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CommandFailed(
+                f"would delete {data_dir} and all its data: pass --yes to confirm", EXIT_USAGE
+            )
+        answer = input(f"stop the server and delete {data_dir} with all its data? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("kept")
+            return EXIT_OK
+    server.destroy()
+    print(f"deleted {data_dir}")
+    return EXIT_OK
+
+
 def _database_configured(args: argparse.Namespace) -> bool:
     """Whether the user named a database, rather than leaving the project's defaults:
     ``--url``, a URL or connection variable in the environment, or a connection field in
     a settings file of their own (``--settings``, ``$DBKIT_CONFIG_DIR``, .secrets.toml)."""
     if args.url:
         return True
-    shipped = (
-        None if os.environ.get(CONFIG_DIR_VAR) or args.settings else default_settings_files()[0]
-    )
+    defaults = default_settings_files()
+    shipped = defaults[0] if defaults and not os.environ.get(CONFIG_DIR_VAR) else None
     connection = {"host", "port", "name", "username", "password"}
-    for key, _, source in describe_settings(env=args.env, settings_files=args.settings):
+    for key, _, source in describe_settings(env=args.env, settings_files=_settings_files(args)):
         section, _, name = key.rpartition(".")
         if section != "database.postgres" or name not in connection or source == "default":
             continue
@@ -353,29 +480,27 @@ def _database_configured(args: argparse.Namespace) -> bool:
 
 @contextlib.contextmanager
 def _demo_database(args: argparse.Namespace) -> Iterator[Database]:
-    """The configured database, required to be migrated; else a throwaway local server,
-    migrated here and stopped (and deleted) on the way out, Ctrl-C included."""
-    from dbkit import migrate
+    """The configured database, required to be at the head of the demo's own migrations;
+    else a throwaway local server, migrated with them here and stopped (and deleted) on the
+    way out, Ctrl-C included.  Never the working directory's alembic.ini (a user's project
+    has its own migrations, not the demo's tables)."""
+    from dbkit import demo, migrate
 
     if not args.local and _database_configured(args):
         with Database(_configured(args)) as db:
-            current, heads = migrate.current(db), migrate.heads()
+            ini = demo.alembic_ini()
+            current, heads = migrate.current(db), migrate.heads(config_path=ini)
             if current not in heads:
                 raise CommandFailed(
-                    f"{db.config.safe_dsn()} is at revision {current or 'base'}, not at "
-                    f"{', '.join(heads)}: run `dbkit migrate upgrade` first (or use --local)"
+                    f"{db.config.safe_dsn()} is at revision {current or 'base'}, not at the "
+                    f"demo's {', '.join(heads)}: run `dbkit migrate upgrade` first, with the "
+                    f"demo's migrations (--ini {ini}), or use --local"
                 )
             print(f"database    {db.config.safe_dsn()}")
             yield db
         return
-    from dbkit.local import LocalPostgres
-
-    with LocalPostgres() as server:
-        print(f"database    throwaway local PostgreSQL {server.url}")
-        print(f"            in {server.data_dir}, stopped and removed at exit", flush=True)
-        with Database(PostgresConfig.from_url(server.url)) as db:
-            migrate.upgrade(db)
-            yield db
+    with demo.throwaway_database() as db:
+        yield db
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -407,6 +532,8 @@ def _migrate(args: argparse.Namespace) -> int:
     from dbkit import migrate
 
     ini = args.ini
+    if args.action == "revision":
+        return _revision(args)
     if args.action in ("history", "heads"):
         if args.action == "heads":
             for head in migrate.heads(config_path=ini):
@@ -434,6 +561,60 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _revision(args: argparse.Namespace) -> int:
+    from dbkit import migrate
+
+    options: dict[str, Any] = {"rev_id": args.rev_id, "config_path": args.ini}
+    if args.autogenerate:
+        with Database(_configured(args)) as db:
+            new = migrate.revision(args.message, autogenerate=True, target=db, **options)
+    else:
+        new = migrate.revision(args.message, **options)
+    print(f"created revision {new.revision} in {_shown(new.path)}")
+    for change in new.changes:
+        print(f"  {change}")
+    if args.autogenerate and not new.changes:
+        print("  no differences between the models and the database: the revision is empty")
+    return EXIT_OK
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from dbkit.scaffold import SECRETS_FILE, init_project
+
+    report = init_project(args.directory, metadata=args.metadata, database=args.database)
+    print(f"project     {report.directory}")
+    for name in report.written:
+        print(f"wrote       {name}")
+    for name, why in report.skipped:
+        print(f"skipped     {name} ({why})")
+    gitignore = {
+        "created": f"wrote       .gitignore ({SECRETS_FILE})",
+        "added": f"added       {SECRETS_FILE} to .gitignore",
+        "present": f"skipped     .gitignore (ignores {SECRETS_FILE} already)",
+    }
+    print(gitignore[report.gitignore])
+    if not report.written:
+        print("nothing written: every file exists already")
+        return EXIT_OK
+    print()
+    print("next:")
+    if args.metadata is None:
+        print("  name your MetaData in migrations/env.py (target_metadata)")
+    print("  point dbkit at a database: config/settings.toml, config/.secrets.toml or DATABASE_URL")
+    print('  dbkit migrate revision --autogenerate -m "initial schema"')
+    print("  dbkit migrate upgrade")
+    print("  pytest            (dbkit.testing: a throwaway database, migrated, per run)")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with _sigterm_interrupts():
@@ -455,27 +636,35 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The command, its failures turned into one line on stderr and an exit code."""
+    """The command, its failures turned into one line on stderr and an exit code (with
+    ``--debug``, the traceback first)."""
     try:
         code: int = args.handler(args)
-    except CommandFailed as error:
-        print(f"dbkit {args.command}: {error}", file=sys.stderr)
-        return error.code
-    except ConfigError as error:
-        problems = "; ".join(error.problems)
-        print(f"dbkit {args.command}: invalid settings: {problems}", file=sys.stderr)
-        return EXIT_USAGE
-    except DbkitError as error:
-        reason = " ".join(str(error).split())
-        print(f"dbkit {args.command}: {reason}", file=sys.stderr)
-        return EXIT_FAILED
-    except Terminated:
-        print(f"dbkit {args.command}: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print(f"dbkit {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (Exception, KeyboardInterrupt) as error:
+        if args.debug:
+            traceback.print_exc()
+        code, reason = _failure(error)
+        print(f"dbkit {args.command}: {' '.join(reason.split())}", file=sys.stderr)
     return code
+
+
+def _failure(error: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line reason for a command's failure."""
+    if isinstance(error, Terminated):
+        return EXIT_TERMINATED, "terminated"
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(error, CommandFailed):
+        return error.code, str(error)
+    if isinstance(error, ConfigError):
+        return EXIT_USAGE, f"invalid settings: {'; '.join(error.problems)}"
+    if isinstance(error, DbkitError):
+        return EXIT_FAILED, str(error)
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return EXIT_FAILED, f"{error.strerror}{where}"
+    # A bug, or a failure dbkit does not know: say what it is, and how to see more.
+    return EXIT_FAILED, f"{type(error).__name__}: {error} (--debug shows the traceback)"
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def test_config_shows_values_sources_and_masks_the_password(tmp_path: Path) -> N
         "DBKIT_DATABASE__POSTGRES__PASSWORD": "pw-never-shown",
         "DBKIT_DATABASE__POSTGRES__PORT": "6543",
     }
-    result = run_dbkit("--settings", str(settings), "config", env=env)
+    # From a directory without config/: the --settings file is the only one found.
+    result = run_dbkit("--settings", str(settings), "config", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
     assert rows["environment"] == ["environment", "development"]
@@ -108,6 +109,43 @@ def test_config_shows_values_sources_and_masks_the_password(tmp_path: Path) -> N
     ]
     assert rows["database.postgres.max_open_conns"][1:] == ["25", "default"]
     assert "pw-never-shown" not in result.stdout + result.stderr
+
+
+def test_settings_option_adds_to_the_default_files(tmp_path: Path) -> None:
+    """``--settings FILE`` is loaded after config/settings.toml and config/.secrets.toml:
+    its values win, the others stay."""
+    (tmp_path / "config").mkdir()
+    project = tmp_path / "config" / "settings.toml"
+    project.write_text(
+        '[default.database.postgres]\nhost = "db.internal"\nport = 6000\nname = "orders"\n'
+    )
+    extra = tmp_path / "extra.toml"
+    extra.write_text('[default.database.postgres]\nhost = "replica.internal"\n')
+    last = tmp_path / "last.toml"
+    last.write_text('[default.database.postgres]\nhost = "last.internal"\n')
+
+    def config(*files: Path) -> dict[str, Any]:
+        options = [arg for file in files for arg in ("--settings", str(file))]
+        result = run_dbkit(*options, "config", "--json", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        settings: dict[str, Any] = json.loads(result.stdout)["settings"]
+        return settings
+
+    alone = config()
+    assert alone["database.postgres.host"]["value"] == "db.internal"
+    added = config(extra)
+    assert added["database.postgres.host"] == {
+        "value": "replica.internal",
+        "source": f"file:{extra} [default]",
+    }
+    assert added["database.postgres.port"]["value"] == "6000"  # from config/settings.toml
+    assert added["database.postgres.name"]["value"] == "orders"
+    assert config(extra, last)["database.postgres.host"]["value"] == "last.internal"
+    text = run_dbkit("--settings", str(extra), "config", cwd=tmp_path).stdout
+    files = [line.split()[1] for line in text.splitlines() if line.startswith("file ")]
+    assert files[0] == "config/settings.toml" or files[0].endswith("/config/settings.toml")
+    assert files[-1] == str(extra)
+    assert "loaded after the default ones" in " ".join(run_dbkit("--help").stdout.split())
 
 
 def test_config_json_with_database_url(tmp_path: Path) -> None:
@@ -165,6 +203,48 @@ def test_local_start_status_url_stop(kept_parent: Path) -> None:
     assert run_dbkit("local", "stop", env=env).returncode == 0
 
 
+def test_local_destroy(kept_parent: Path) -> None:
+    data = kept_parent / "pg"
+    env = {"DBKIT_LOCAL_DIR": str(data)}
+    started = run_dbkit("local", "start", env=env)
+    assert started.returncode == 0, started.stderr
+    url = started.stdout.strip()
+    # Without a terminal to ask in, it wants --yes and deletes nothing.
+    unconfirmed = run_dbkit("local", "destroy", env=env)
+    assert unconfirmed.returncode == 2 and "--yes" in one_line(unconfirmed.stderr)
+    assert (data / "PG_VERSION").exists()
+    destroyed = run_dbkit("local", "destroy", "--yes", env=env)
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert destroyed.stdout == f"deleted {data}\n" and not data.exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url.replace("+psycopg", ""), connect_timeout=3)
+    again = run_dbkit("local", "destroy", "--yes", env=env)
+    assert again.returncode == 0 and again.stdout.startswith("nothing to delete")
+    # Not a cluster: refused, left alone.
+    other = kept_parent / "documents"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    refused = run_dbkit("local", "destroy", "--yes", "--data-dir", str(other))
+    assert refused.returncode == 1
+    assert "not a PostgreSQL data directory" in one_line(refused.stderr)
+    assert (other / "keep.txt").exists()
+
+
+def test_local_start_keeps_a_durable_cluster(kept_parent: Path) -> None:
+    data = kept_parent / "pg"
+    started = run_dbkit("local", "start", "--data-dir", str(data))
+    assert started.returncode == 0, started.stderr
+    try:
+        with psycopg.connect(started.stdout.strip().replace("+psycopg", "")) as conn:
+            row = conn.execute(
+                "SELECT current_setting('fsync'), current_setting('synchronous_commit'),"
+                " current_setting('full_page_writes')"
+            ).fetchone()
+        assert row == ("on", "on", "on")
+    finally:
+        run_dbkit("local", "stop", "--data-dir", str(data))
+
+
 def test_local_start_without_binaries_says_how_to_install(tmp_path: Path) -> None:
     data = tmp_path / "pg"
     result = run_dbkit(
@@ -183,6 +263,26 @@ def test_migrate_against_a_server_that_is_down(free_port: int) -> None:
     assert one_line(result.stderr).startswith("dbkit migrate: ")
 
 
+def test_failures_are_one_line_and_debug_adds_the_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    # An operating-system error: its message and the path, no traceback.
+    result = run_dbkit("init", str(blocker / "project"))
+    assert result.returncode == 1
+    assert one_line(result.stderr) == f"dbkit init: Not a directory: {blocker / 'project'}"
+    debug = run_dbkit("--debug", "init", str(blocker / "project"))
+    assert debug.returncode == 1
+    assert debug.stderr.startswith("Traceback (most recent call last):")
+    assert "NotADirectoryError" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == one_line(result.stderr)
+    # Settings errors: exit 2, one line, and the traceback only with --debug.
+    bad = {"DBKIT_DATABASE__POSTGRES__PORT": "0"}
+    assert run_dbkit("check", env=bad).returncode == 2
+    debug_bad = run_dbkit("--debug", "check", env=bad)
+    assert debug_bad.returncode == 2 and "ConfigError" in debug_bad.stderr
+    assert debug_bad.stderr.strip().splitlines()[-1].startswith("dbkit check: invalid settings")
+
+
 def test_every_command_has_help() -> None:
     for command in (
         [],
@@ -190,8 +290,12 @@ def test_every_command_has_help() -> None:
         ["config"],
         ["migrate"],
         ["migrate", "upgrade"],
+        ["migrate", "revision"],
+        ["migrate", "stamp"],
         ["local"],
         ["local", "start"],
+        ["local", "destroy"],
+        ["init"],
         ["demo"],
     ):
         result = run_dbkit(*command, "--help")
