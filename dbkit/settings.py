@@ -1,8 +1,25 @@
-"""Typed, frozen settings: TOML files (through dynaconf) + environment variables → dataclasses.
+"""Typed, frozen settings: TOML or YAML files (through dynaconf) + environment variables →
+dataclasses.
+
+Files, in the order they are loaded (a later file wins, key by key):
+
+1. the config directory's ``settings.toml`` and ``.secrets.toml``, or ``.yaml`` / ``.yml``
+   (same sections, keys and rules).  The config directory is ``$DBKIT_CONFIG_DIR`` when
+   set, else the nearest ``config/`` directory holding one of those files, searched from
+   the working directory upward as git finds ``.git``; else there is none.  One file in two
+   formats there (``settings.toml`` and ``settings.yaml``) is refused rather than merged.
+2. the files given to :func:`load_settings` (``--settings FILE``), in their order: they add
+   to the directory's files and win over them.
+3. the ``<name>.local.<ext>`` beside each file above, in the same order (dynaconf's rule).
 
 Precedence, lowest first: dataclass defaults < ``[default]`` of each file < ``[<env>]`` of
 each file < ``DBKIT_*`` environment variables < ``DBKIT_DATABASE__URL`` / ``DATABASE_URL``
-(connection fields only).  Environment sections merge into the defaults key by key.
+(connection fields only) < the ``url`` argument.  Environment sections merge into the
+defaults key by key.  Outside ``development`` and ``testing``, no settings file, no URL and
+no connection variable is an error, never a silent ``localhost``.
+
+``[app]`` (``[default.app]``, ``[production.app]`` …) holds the application's own values,
+exposed read-only as :attr:`Settings.app`; any other unknown key is an error.
 
 dynaconf reads and merges the files.  Environment variables are read here instead, as raw
 text that each field parses for itself: dynaconf would TOML-parse them, so a password
@@ -12,7 +29,11 @@ sizes) is collected into one :class:`~dbkit.errors.ConfigError`, and no message 
 contains the password.
 """
 
+import copy
 import difflib
+import glob
+import importlib
+import json
 import math
 import os
 import re
@@ -20,6 +41,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
@@ -29,6 +51,7 @@ from sqlalchemy.exc import ArgumentError
 
 from dbkit.durations import format_duration, parse_duration
 from dbkit.errors import ConfigError
+from dbkit.logging import is_secret_name
 
 __all__ = [
     "DEFAULT_ENV",
@@ -41,6 +64,7 @@ __all__ = [
     "Settings",
     "default_settings_files",
     "describe_settings",
+    "find_config_dir",
     "format_duration",
     "load_settings",
     "parse_duration",
@@ -51,12 +75,20 @@ ENV_SWITCHER = "DBKIT_ENV"
 CONFIG_DIR_VAR = "DBKIT_CONFIG_DIR"
 DEFAULT_ENV = "development"
 KNOWN_ENVS = ("development", "testing", "production")
+# Where dbkit's defaults (postgres@localhost:5432/postgres) may stand in for a configuration.
+DEFAULTS_ALLOWED_ENVS = ("development", "testing")
+SETTINGS_STEMS = ("settings", ".secrets")
+SETTINGS_SUFFIXES = (".toml", ".yaml", ".yml")
+_YAML_SUFFIXES = (".yaml", ".yml")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 RESETS = ("rollback", "discard")
 
 _PG = "database.postgres"
 _LOG = "log"
+_APP = "app"
+# The fields that choose the server and the database.
+_CONNECTION_FIELDS = ("host", "port", "name", "username")
 # The sections of each file dynaconf applies, in order: [default], [dbkit] (its legacy
 # name for the defaults: the env-var prefix), the current environment (None here), and
 # [global], which overrides everything.  None of the special ones is an environment name.
@@ -74,6 +106,11 @@ _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
 
+def _kind(value: object) -> str:
+    """A value's type as a settings file would name it (YAML's empty value is null)."""
+    return "null" if value is None else type(value).__name__
+
+
 def _to_int(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected an integer, got the boolean {value}")
@@ -83,14 +120,14 @@ def _to_int(value: object) -> int:
         return int(value)
     if isinstance(value, str):
         raise ValueError(f"{value!r} is not an integer")
-    raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
+    raise ValueError(f"expected an integer, got {_kind(value)} {value!r}")
 
 
 def _to_str(value: object) -> str:
     if isinstance(value, str):
         return value
     # Deliberately without the value: this coercer also handles the password.
-    raise ValueError(f"expected a string, got {type(value).__name__} (quote it in TOML)")
+    raise ValueError(f"expected a string, got {_kind(value)} (quote it)")
 
 
 def _to_optional_str(value: object) -> str | None:
@@ -353,14 +390,37 @@ class DatabaseConfig:
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
 
 
+def _empty_app() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything dbkit reads from configuration.  The generated ``repr`` is safe to log:
-    ``PostgresConfig`` leaves its password out."""
+    ``PostgresConfig`` leaves its password out, and ``app`` is left out whole (the
+    application's values may hold its secrets).
+
+    ``app`` is the ``[app]`` section, the application's own values, read-only: tables are
+    read-only mappings (``types.MappingProxyType``) and lists are tuples, at every depth.
+    Its keys are lower-case, as every settings key is.  See :func:`load_settings`.
+    """
 
     env: str
     database: DatabaseConfig
     log: LogConfig
+    app: Mapping[str, Any] = field(default_factory=_empty_app, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "app", _frozen(self.app))
+
+
+def _frozen(value: Any) -> Any:
+    """A read-only deep copy: mappings → ``MappingProxyType``, lists → tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: _frozen(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    return value
 
 
 def _fit_idle_to_open(values: dict[str, Any], *, idle_given: bool) -> None:
@@ -397,7 +457,7 @@ _LOG_ORDER = {f"{_LOG}.{name}": i for i, name in enumerate(_LOG_FIELDS)}
 _KNOWN_KEYS = frozenset(
     [f"{_PG}.{name}" for name in _PG_FIELDS] + [f"{_LOG}.{name}" for name in _LOG_FIELDS]
 )
-_TABLE_KEYS = frozenset({"database", _PG, _LOG})
+_TABLE_KEYS = frozenset({"database", _PG, _LOG, _APP})
 
 
 def _url_values(url: str | URL, label: str) -> tuple[dict[str, Any], list[str]]:
@@ -435,19 +495,103 @@ def _url_values(url: str | URL, label: str) -> tuple[dict[str, Any], list[str]]:
 
 # --------------------------------------------------------------------------- loading
 
+_DEFAULT_NAMES = tuple(f"{stem}{suffix}" for stem in SETTINGS_STEMS for suffix in SETTINGS_SUFFIXES)
+
+
+def find_config_dir(start: str | Path | None = None) -> Path | None:
+    """The config directory: ``$DBKIT_CONFIG_DIR`` when set (existing or not), else the
+    nearest ``config/`` directory holding a settings file (``settings.toml``,
+    ``settings.yaml``, ``.secrets.toml`` …) in ``start`` (default: the working directory)
+    or a directory above it, the way git finds ``.git``; else ``None``."""
+    configured = os.environ.get(CONFIG_DIR_VAR)
+    if configured:
+        return Path(configured).expanduser().absolute()
+    here = Path(start).expanduser().absolute() if start is not None else Path.cwd()
+    for directory in (here, *here.parents):
+        candidate = directory / "config"
+        if any(_is_file(candidate / name) for name in _DEFAULT_NAMES):
+            return candidate
+    return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a directory on the way up that we may not search
+        return False
+
 
 def default_settings_files() -> list[Path]:
-    """``settings.toml`` and ``.secrets.toml`` in ``$DBKIT_CONFIG_DIR``, else ``./config``."""
-    config_dir = Path(os.environ.get(CONFIG_DIR_VAR) or Path.cwd() / "config")
-    return [config_dir / "settings.toml", config_dir / ".secrets.toml"]
+    """The config directory's files (see :func:`find_config_dir`): its ``settings`` file,
+    then its ``.secrets`` file, each in the format found there, else under its ``.toml``
+    name; with no config directory, the names in ``./config``.  So there are always two,
+    and a caller can show where dbkit looked for what it did not find.  ``ConfigError``
+    when ``$DBKIT_CONFIG_DIR`` is not a directory, or when one of the files exists in two
+    formats (``settings.toml`` and ``settings.yaml``)."""
+    config_dir = find_config_dir() or Path.cwd() / "config"
+    if os.environ.get(CONFIG_DIR_VAR) and not config_dir.is_dir():
+        raise ConfigError([f"{CONFIG_DIR_VAR}: {config_dir} is not a directory"])
+    files: list[Path] = []
+    problems: list[str] = []
+    for stem in SETTINGS_STEMS:
+        present = [
+            config_dir / f"{stem}{suffix}"
+            for suffix in SETTINGS_SUFFIXES
+            if _is_file(config_dir / f"{stem}{suffix}")
+        ]
+        if len(present) > 1:
+            problems.append(
+                f"{config_dir}: {' and '.join(path.name for path in present)} both exist; "
+                "keep one (dbkit reads each settings file in one format, and would not "
+                "guess which of them wins)"
+            )
+        files.append(present[0] if present else config_dir / f"{stem}.toml")
+    if problems:
+        raise ConfigError(problems)
+    return files
 
 
 def load_settings(
-    env: str | None = None, settings_files: Sequence[str | Path] | None = None
+    env: str | None = None,
+    settings_files: Sequence[str | Path] | None = None,
+    *,
+    url: str | URL | None = None,
 ) -> Settings:
     """Load, merge and validate the settings for ``env`` (default: ``$DBKIT_ENV``, else
-    ``development``).  Missing files are fine; any problem raises one ``ConfigError``."""
-    settings = _load(env, settings_files)[0]
+    ``development``).  Any problem raises one ``ConfigError`` that lists them all.
+
+    Files: the config directory's ``settings`` and ``.secrets`` files, TOML or YAML (see
+    :func:`find_config_dir`), then ``settings_files``: these *add* to the directory's
+    files and win over them, key by key (``--settings FILE``).  A file named in
+    ``settings_files`` must exist; the directory's may be missing.  To read only files of
+    your own, point ``DBKIT_CONFIG_DIR`` at their directory.
+
+    ``url`` (the command line's ``--url``) replaces the connection fields as
+    ``DATABASE_URL`` does, and wins over it.
+
+    Outside ``development`` and ``testing``, finding no settings file, no URL and none of
+    ``DBKIT_DATABASE__POSTGRES__HOST``/``PORT``/``NAME``/``USERNAME`` is a ``ConfigError``
+    that says where it looked: there dbkit never connects to its built-in defaults
+    (``postgres@localhost:5432/postgres``) for want of a configuration.
+
+    The application's own values go under ``[app]`` and come back, read-only, as
+    :attr:`Settings.app`::
+
+        [default.app]
+        chunk_size = 500
+        [default.app.orders]
+        source = "s3://bucket/orders"
+        [production.app]
+        chunk_size = 5000
+
+    gives ``settings.app["chunk_size"]`` and ``settings.app["orders"]["source"]``.  Tables
+    merge key by key like dbkit's own sections; any other value, a list included, is
+    replaced by the later one.  ``DBKIT_APP__CHUNK_SIZE=2000`` overrides a value: the
+    variable takes the type the files give it (integer, number, boolean), else stays text.
+    Any other unknown section is an error.  For typed access, build a frozen dataclass of
+    your own from the mapping, e.g. ``OrdersConfig(**settings.app["orders"])``.
+    """
+    settings = _load(env, settings_files, url)[0]
     postgres = settings.database.postgres
     logger.bind(audit="settings_loaded", env=settings.env).info(
         "settings loaded (env {}): database {}, sslmode {}",
@@ -459,14 +603,19 @@ def load_settings(
 
 
 def describe_settings(
-    env: str | None = None, settings_files: Sequence[str | Path] | None = None
+    env: str | None = None,
+    settings_files: Sequence[str | Path] | None = None,
+    *,
+    url: str | URL | None = None,
 ) -> list[tuple[str, str, str]]:
-    """``(dotted key, value, source)`` for every setting, for ``dbkit config``.
+    """``(dotted key, value, source)`` for every setting, for ``dbkit config``: dbkit's own,
+    then every ``app.*`` value.
 
-    The password shows as ``***``.  Sources: ``default``, ``file:<path> [<section>]``,
-    ``env:<VARNAME>`` (``env:DATABASE_URL`` for the fields a URL supplied).
+    The password, and ``app`` values whose key names a secret (``api_token`` …), show as
+    ``***``.  Sources: ``default``, ``file:<path> [<section>]``, ``env:<VARNAME>``
+    (``env:DATABASE_URL`` for the fields a URL supplied), ``url argument``.
     """
-    settings, sources = _load(env, settings_files)
+    settings, sources = _load(env, settings_files, url)
     rows: list[tuple[str, str, str]] = []
     for section, obj in ((_PG, settings.database.postgres), (_LOG, settings.log)):
         for f in fields(obj):
@@ -474,6 +623,8 @@ def describe_settings(
             rows.append(
                 (key, _show(f.name, f.type, getattr(obj, f.name)), sources.get(key, "default"))
             )
+    for key, value in _app_items(settings.app, _APP):
+        rows.append((key, _show_app(key, value), sources.get(key, "default")))
     return rows
 
 
@@ -489,29 +640,61 @@ def _show(name: str, kind: object, value: object) -> str:
     return str(value)
 
 
+def _app_items(table: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        items += _app_items(value, dotted) if isinstance(value, Mapping) else [(dotted, value)]
+    return items
+
+
+def _show_app(key: str, value: object) -> str:
+    if any(is_secret_name(part) for part in key.split(".")[1:]):
+        return "***" if value not in (None, "") else ""
+    if isinstance(value, tuple):
+        return json.dumps(list(value), default=str)
+    return _show("", None, value)
+
+
 def _load(
-    env: str | None, settings_files: Sequence[str | Path] | None
+    env: str | None, settings_files: Sequence[str | Path] | None, url: str | URL | None
 ) -> tuple[Settings, dict[str, str]]:
     """The settings and, for every key that was set anywhere, where its value came from."""
-    files = (
-        default_settings_files()
-        if settings_files is None
-        else [Path(p).expanduser().absolute() for p in settings_files]
-    )
-    documents = _read_documents(files)
+    defaults = default_settings_files()
+    explicit = [Path(p).expanduser().absolute() for p in settings_files or ()]
+    files = _unique([*defaults, *explicit])
+    # A named file must exist, unless it is one of the config directory's own (a caller
+    # passing default_settings_files() along): those may be missing.
+    default_paths = {os.path.realpath(path) for path in defaults}
+    required = [path for path in explicit if os.path.realpath(path) not in default_paths]
+    documents = _read_documents(files, required)
     env_name = _resolve_env(env, documents)
     sources = _file_sources(documents, env_name)
-    tree = _dynaconf_tree(files, env_name, documents)
+    tree = _dynaconf_tree([path for path in files if path.exists()], env_name, documents)
+    app = _app_tree(documents, env_name)
 
     problems: list[str] = []
     postgres = _table(tree, "database", "postgres")
     log = _table(tree, "log")
-    url_var = _apply_env_vars(postgres, log, sources)
-    if url_var is not None:
-        values, url_problems = _url_values(os.environ[url_var], url_var)
+    url_var = _apply_env_vars(postgres, log, app, sources, problems)
+    if url:
+        url_label, url_text, url_source = "url argument", url, "url argument"
+    elif url_var is not None:
+        url_label, url_text, url_source = url_var, os.environ[url_var], f"env:{url_var}"
+    else:
+        url_label = None
+    if (
+        env_name not in DEFAULTS_ALLOWED_ENVS
+        and not documents
+        and url_label is None
+        and not any(f"{_PG}.{name}" in sources for name in _CONNECTION_FIELDS)
+    ):
+        problems.append(_nothing_configured(env_name))
+    if url_label is not None:
+        values, url_problems = _url_values(url_text, url_label)
         problems += url_problems
         postgres.update(values)
-        sources.update({f"{_PG}.{key}": f"env:{url_var}" for key in values})
+        sources.update({f"{_PG}.{key}": url_source for key in values})
 
     problems += _key_problems(sources, postgres, log)
     _fit_idle_to_open(postgres, idle_given=f"{_PG}.max_idle_conns" in sources)
@@ -519,18 +702,57 @@ def _load(
     log_config = _construct(LogConfig, log, sources, problems)
     if problems or pg_config is None or log_config is None:
         raise ConfigError(problems)
-    settings = Settings(env=env_name, database=DatabaseConfig(pg_config), log=log_config)
+    settings = Settings(env=env_name, database=DatabaseConfig(pg_config), log=log_config, app=app)
     return settings, sources
 
 
-def _read_documents(files: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
+def _unique(paths: Iterable[Path]) -> list[Path]:
+    """The paths without repeats (a ``--settings`` naming a default file), first kept."""
+    seen: set[str] = set()
+    unique: list[Path] = []
+    for path in paths:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _nothing_configured(env: str) -> str:
+    if os.environ.get(CONFIG_DIR_VAR):
+        where = (
+            f"{CONFIG_DIR_VAR} ({find_config_dir()}) holds no settings.toml, settings.yaml "
+            "or .secrets file"
+        )
+    else:
+        where = (
+            "no config/ directory with a settings.toml or settings.yaml in "
+            f"{Path.cwd()} or any directory above it, and {CONFIG_DIR_VAR} is not set"
+        )
+    return (
+        f"no database configured for environment {env!r}: {where}; nor is DATABASE_URL, "
+        "DBKIT_DATABASE__URL or DBKIT_DATABASE__POSTGRES__HOST (PORT, NAME, USERNAME) set. "
+        f"Outside {' and '.join(DEFAULTS_ALLOWED_ENVS)}, dbkit does not fall back to "
+        "postgres@localhost:5432/postgres"
+    )
+
+
+def _read_documents(
+    files: Sequence[Path], required: Sequence[Path]
+) -> list[tuple[Path, dict[str, Any]]]:
     """Parse the files dynaconf will load, in its order: the given files that exist, then
-    the ``<name>.local.toml`` of each.  Read here too so that errors come out clear and
-    secret-free, unknown environments can be told from new ones, and sources can be shown."""
+    the ``<name>.local.<ext>`` of each.  Read here too so that errors come out clear and
+    secret-free, unknown environments can be told from new ones, and sources can be shown.
+    Keys come back lower-case (dynaconf's keys are case-insensitive)."""
     problems = [
-        f"file:{path}: only TOML settings files are supported"
+        f"file:{path}: only TOML (.toml) and YAML (.yaml, .yml) settings files are supported"
         for path in files
-        if path.suffix != ".toml"
+        if path.suffix not in SETTINGS_SUFFIXES
+    ]
+    problems += [
+        f"file:{path}: not found"
+        for path in required
+        if path.suffix in SETTINGS_SUFFIXES and not path.exists()
     ]
     if problems:
         raise ConfigError(problems)
@@ -544,26 +766,103 @@ def _read_documents(files: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
     documents: list[tuple[Path, dict[str, Any]]] = []
     for path in found:
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data, problem = _parse(path, path.read_text(encoding="utf-8"))
         except OSError as exc:
             problems.append(f"file:{path}: cannot be read ({exc.strerror})")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            # tomllib's messages give line and column, never the offending text.
-            problems.append(f"file:{path}: invalid TOML: {exc}")
-        else:
-            data = {str(k).lower(): v for k, v in data.items()}
-            # With environments on, dynaconf would take [database] for an environment
-            # named "database" and silently ignore it: a classic mistake, so say so.
-            problems += [
-                f"file:{path}: top-level [{key}] is not read; put it under [default.{key}] "
-                f"or an environment such as [production.{key}]"
-                for key in ("database", "log")
-                if key in data
-            ]
-            documents.append((path, data))
+            continue
+        except UnicodeDecodeError as exc:
+            problems.append(f"file:{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
+        if data is None:
+            problems.append(f"file:{path}: {problem}")
+            continue
+        data = _lower_keys(data)
+        problems += _misplaced(path, data)
+        documents.append((path, data))
     if problems:
         raise ConfigError(problems)
     return documents
+
+
+def _parse(path: Path, text: str) -> tuple[dict[str, Any] | None, str]:
+    """(the document, "") or (None, what is wrong) -- never quoting the file's text."""
+    if path.suffix in _YAML_SUFFIXES:
+        return _parse_yaml(text)
+    try:
+        return tomllib.loads(text), ""
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's messages give line and column, never the offending text.
+        return None, f"invalid TOML: {exc}"
+
+
+def _parse_yaml(text: str) -> tuple[dict[str, Any] | None, str]:
+    # The parser dynaconf reads YAML with (its vendored ruamel.yaml), so both see the same
+    # values; safe_load, as dynaconf is told to use below: no Python objects from tags.
+    # Imported by name: the vendored copy ships py.typed, but mypy cannot parse it.
+    yaml = importlib.import_module("dynaconf.vendor.ruamel.yaml")
+    try:
+        data = yaml.safe_load(text)
+    except Exception as exc:  # YAMLError, and DuplicateKeyError (a warning class)
+        return None, f"invalid YAML: {_yaml_problem(exc)}"
+    if data is None:
+        return {}, ""
+    if not isinstance(data, dict):
+        return None, (
+            "expected sections (default:, development:, production: …) at the top level, "
+            f"found a {'list' if isinstance(data, list) else 'single value'}"
+        )
+    return data, ""
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """What the YAML parser found and where; its full message would quote the line."""
+    problem = getattr(exc, "problem", None)
+    if not isinstance(problem, str):
+        return type(exc).__name__
+    # A duplicate key's message quotes both values (a password's too): keep the key only.
+    problem = problem.split(" with value ", 1)[0]
+    mark = getattr(exc, "problem_mark", None)
+    line, column = getattr(mark, "line", None), getattr(mark, "column", None)
+    if isinstance(line, int) and isinstance(column, int):
+        return f"{problem} (line {line + 1}, column {column + 1})"
+    return problem
+
+
+def _lower_keys(table: Mapping[Any, Any]) -> dict[str, Any]:
+    """Keys of this table and of the tables inside it, lower-case (not inside lists)."""
+    return {
+        str(key).lower(): _lower_keys(value) if isinstance(value, Mapping) else value
+        for key, value in table.items()
+    }
+
+
+def _misplaced(path: Path, data: Mapping[str, Any]) -> list[str]:
+    """Top-level settings outside any environment section.  With environments on, dynaconf
+    would take ``[database]`` for an environment named "database" and silently ignore it, and
+    a top-level ``port = 5432`` too: a classic mistake, so say so."""
+    yaml = path.suffix in _YAML_SUFFIXES
+    problems: list[str] = []
+    for key, value in data.items():
+        if key in ("database", _LOG, _APP):
+            hint = (
+                "nest it under default: or an environment such as production:"
+                if yaml
+                else f"put it under [default.{key}] or an environment such as [production.{key}]"
+            )
+            problems.append(
+                f"file:{path}: top-level {_section_name(key, yaml)} is not read; {hint}"
+            )
+        elif not isinstance(value, Mapping):
+            sections = "default: or production:" if yaml else "[default] or [production]"
+            problems.append(
+                f"file:{path}: top-level {key!r} is not read; settings go in sections "
+                f"such as {sections}"
+            )
+    return problems
+
+
+def _section_name(key: str, yaml: bool) -> str:
+    return f"{key}:" if yaml else f"[{key}]"
 
 
 def _resolve_env(env: str | None, documents: Sequence[tuple[Path, dict[str, Any]]]) -> str:
@@ -586,26 +885,52 @@ def _resolve_env(env: str | None, documents: Sequence[tuple[Path, dict[str, Any]
     return name
 
 
-def _file_sources(documents: Sequence[tuple[Path, dict[str, Any]]], env: str) -> dict[str, str]:
-    """dotted key → ``file:<path> [<section>]`` of the layer that set it last, mirroring
-    dynaconf's order (per file: default, dbkit, the env, global)."""
-    sources: dict[str, str] = {}
+def _layers(
+    documents: Sequence[tuple[Path, dict[str, Any]]], env: str
+) -> Iterable[tuple[Path, str, dict[str, Any]]]:
+    """(file, section, table) in dynaconf's order: per file, default, dbkit, the env, global."""
     for path, data in documents:
         for section in _LAYER_SECTIONS:
             section = section or env
             table = data.get(section)
             if isinstance(table, dict):
-                for key in _flatten(table):
-                    sources[key] = f"file:{path} [{section}]"
+                yield path, section, table
+
+
+def _file_sources(documents: Sequence[tuple[Path, dict[str, Any]]], env: str) -> dict[str, str]:
+    """dotted key → ``file:<path> [<section>]`` of the layer that set it last."""
+    sources: dict[str, str] = {}
+    for path, section, table in _layers(documents, env):
+        for key in _flatten(table):
+            sources[key] = f"file:{path} [{section}]"
     return sources
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of a table's values; an empty table sets nothing."""
     keys: list[str] = []
     for key, value in table.items():
-        dotted = f"{prefix}{str(key).lower()}"
-        keys += _flatten(value, f"{dotted}.") if isinstance(value, dict) and value else [dotted]
+        dotted = f"{prefix}{key}"
+        keys += _flatten(value, f"{dotted}.") if isinstance(value, dict) else [dotted]
     return keys
+
+
+def _app_tree(documents: Sequence[tuple[Path, dict[str, Any]]], env: str) -> dict[str, Any]:
+    """The merged ``[app]`` sections.  Merged here rather than by dynaconf, whose merge
+    would append a later list to an earlier one; a later list replaces, as any value does."""
+    app: dict[str, Any] = {}
+    for _, _, table in _layers(documents, env):
+        if isinstance(table.get(_APP), dict):
+            _merge_into(app, table[_APP])
+    return app
+
+
+def _merge_into(target: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
 
 
 def _dynaconf_tree(
@@ -620,12 +945,16 @@ def _dynaconf_tree(
             env_switcher=ENV_SWITCHER,
             environments=True,
             merge_enabled=True,
-            settings_files=[str(path) for path in files],
+            # dynaconf globs every name: escaped, a directory such as "proj[1]" still loads.
+            settings_files=[glob.escape(str(path)) for path in files],
             force_env=env,
             load_dotenv=False,
             # Environment variables are applied by _apply_env_vars, as raw text.
             loaders=[],
-            # Keep the *_FOR_DYNACONF variables of the process from adding files.
+            # Pinned so that *_FOR_DYNACONF variables of the process cannot add files,
+            # turn a format off, or load YAML with Python object tags.
+            core_loaders=["TOML", "YAML"],
+            yaml_loader="safe_load",
             includes=[],
             preload=[],
             secrets=None,
@@ -647,12 +976,13 @@ def _plain(value: Any) -> Any:
 
 
 def _secrets_in(documents: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """The values of every key that names a secret (``password``, an ``[app]`` token …)."""
     found: list[str] = []
 
     def walk(node: object) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                if str(key).lower() == "password" and isinstance(value, str) and value:
+                if is_secret_name(str(key)) and isinstance(value, str) and value:
                     found.append(value)
                     # dynaconf reports "@int xyz" trouble quoting just "xyz"
                     found.extend(value.split(None, 1)[1:])
@@ -688,13 +1018,17 @@ def _env_vars() -> dict[str, str]:
         if not var.startswith(ENV_PREFIX):
             continue
         rest = var[len(ENV_PREFIX) :]
-        if "__" in rest or rest.lower() in ("database", "log"):
+        if "__" in rest or rest.lower() in ("database", _LOG, _APP):
             found[".".join(part.lower() for part in rest.split("__"))] = var
     return found
 
 
 def _apply_env_vars(
-    postgres: dict[str, Any], log: dict[str, Any], sources: dict[str, str]
+    postgres: dict[str, Any],
+    log: dict[str, Any],
+    app: dict[str, Any],
+    sources: dict[str, str],
+    problems: list[str],
 ) -> str | None:
     """Overlay ``DBKIT_*`` variables (raw text) onto the sections and record their sources.
     Returns the name of the URL variable to apply, if one is set and non-empty."""
@@ -710,9 +1044,57 @@ def _apply_env_vars(
             postgres[name] = raw
         elif section == _LOG:
             log[name] = raw
+        elif key.startswith(f"{_APP}."):
+            problem = _set_app_value(app, key, raw)
+            if problem:
+                problems.append(f"{problem} (from env:{var})")
     if url_var is None and os.environ.get("DATABASE_URL"):
         url_var = "DATABASE_URL"
     return url_var
+
+
+def _set_app_value(app: dict[str, Any], key: str, raw: str) -> str | None:
+    """Put an environment variable's text at ``key`` (``app.a.b``) in the ``[app]`` tree,
+    typed like the value the files give there.  A problem, never quoting the value (an
+    application's secret may be in it), or None."""
+    *parents, name = key.split(".")[1:]
+    node = app
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            table = ".".join([_APP, *parents[: depth + 1]])
+            return f"{key}: {table} is a single value in the settings files, not a table"
+        node = child
+    current = node.get(name)
+    try:
+        node[name] = _typed_like(current, raw)
+    except ValueError as exc:
+        return f"{key}: {exc}"
+    return None
+
+
+def _typed_like(current: object, raw: str) -> object:
+    """``raw`` as the type of ``current`` (from the files) where that is a scalar type."""
+    if isinstance(current, dict):
+        raise ValueError("is a table in the settings files: set its keys one by one")
+    if isinstance(current, (list, tuple)):
+        raise ValueError("is a list in the settings files: it cannot be set from the environment")
+    if isinstance(current, bool):
+        try:
+            return _to_bool(raw)
+        except ValueError:
+            raise ValueError("expected true or false, as in the settings files") from None
+    if isinstance(current, int):
+        try:
+            return _to_int(raw)
+        except ValueError:
+            raise ValueError("expected an integer, as in the settings files") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number, as in the settings files") from None
+    return raw
 
 
 def _key_problems(
@@ -721,7 +1103,11 @@ def _key_problems(
     """Unknown keys (typos) and values where a table belongs.  Unknown keys are dropped
     from the sections so the remaining fields can still be checked."""
     problems: list[str] = []
-    unknown = {key for key in sources if key not in _KNOWN_KEYS and key != "database.url"}
+    unknown = {
+        key
+        for key in sources
+        if key not in _KNOWN_KEYS and key != "database.url" and not key.startswith(f"{_APP}.")
+    }
     unknown |= {f"{_PG}.{k}" for k in postgres if k not in _PG_FIELDS}
     unknown |= {f"{_LOG}.{k}" for k in log if k not in _LOG_FIELDS}
     for key in sorted(unknown):
@@ -736,6 +1122,8 @@ def _key_problems(
             hint = _did_you_mean(name, _LOG_FIELDS)
         else:
             hint = _did_you_mean(key, sorted(_KNOWN_KEYS))
+            if not hint and key.split(".", 1)[0] != "database":
+                hint = f" (the application's own values go under [app], e.g. {_APP}.{key})"
         problems.append(f"{key}: unknown setting{hint}{origin}")
     if "database.url" in sources:  # only files get here: the URL variables are not recorded
         problems.append(

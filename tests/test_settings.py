@@ -111,9 +111,20 @@ def test_defaults_without_any_file() -> None:
     assert settings.log == LogConfig(level="INFO", json=False, sql=False, slow_query_threshold=0)
 
 
-def test_missing_files_are_fine(tmp_path: Path) -> None:
-    settings = load_settings(settings_files=[tmp_path / "nope.toml", "also-missing.toml"])
-    assert settings.database.postgres == PostgresConfig()
+def test_named_files_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(settings_files=[tmp_path / "nope.toml", "also-missing.yaml"])
+    assert problems_of(exc) == [
+        f"file:{tmp_path / 'nope.toml'}: not found",
+        f"file:{tmp_path / 'also-missing.yaml'}: not found",
+    ]
+
+
+def test_missing_files_of_the_config_dir_are_fine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DBKIT_CONFIG_DIR", str(tmp_path))  # an empty directory
+    assert load_settings().database.postgres == PostgresConfig()
 
 
 def test_default_files_come_from_dbkit_config_dir(
@@ -521,9 +532,14 @@ def test_invalid_toml_names_the_file_without_its_text(tmp_path: Path) -> None:
     assert SECRET not in str(exc.value)
 
 
-def test_only_toml_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="only TOML settings files are supported"):
-        load_settings(settings_files=[tmp_path / "settings.yaml"])
+@pytest.mark.parametrize("name", ["settings.json", "settings.ini", "settings.tml", "settings"])
+def test_only_toml_and_yaml_files(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path / name, "{}")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(settings_files=[path])
+    assert problems_of(exc) == [
+        f"file:{path}: only TOML (.toml) and YAML (.yaml, .yml) settings files are supported"
+    ]
 
 
 def test_dynaconf_value_syntax_failure_does_not_leak(tmp_path: Path) -> None:
@@ -704,7 +720,7 @@ def test_password_never_in_repr_str_or_errors(files: list[Path]) -> None:
         PostgresConfig(password=12345)  # type: ignore[arg-type]
     assert "12345" not in str(exc.value)
     assert problems_of(exc) == [
-        "database.postgres.password: expected a string, got int (quote it in TOML)"
+        "database.postgres.password: expected a string, got int (quote it)"
     ]
 
 
