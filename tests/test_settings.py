@@ -719,9 +719,7 @@ def test_password_never_in_repr_str_or_errors(files: list[Path]) -> None:
     with pytest.raises(ConfigError) as exc:
         PostgresConfig(password=12345)  # type: ignore[arg-type]
     assert "12345" not in str(exc.value)
-    assert problems_of(exc) == [
-        "database.postgres.password: expected a string, got int (quote it)"
-    ]
+    assert problems_of(exc) == ["database.postgres.password: expected a string, got int (quote it)"]
 
 
 def test_password_wrong_type_from_a_file_is_not_echoed(tmp_path: Path) -> None:
