@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from cli_helpers import one_line, run_dbkit
+from users_project import make_users_project, users_migrations_ran
 
 from dbkit import demo
 
@@ -120,7 +121,23 @@ def test_demo_reads_a_csv(db_url: str, tmp_path: Path) -> None:
 def test_demo_refuses_a_database_that_is_not_migrated(db_url: str) -> None:
     result = run_dbkit("demo", "--url", db_url, "--rows", "10")
     assert result.returncode == 1
-    assert "run `dbkit migrate upgrade` first" in one_line(result.stderr)
+    reason = one_line(result.stderr)
+    assert "run `dbkit migrate upgrade` first" in reason
+    assert str(demo.alembic_ini()) in reason  # the demo's own migrations, named
+
+
+def test_demo_on_a_database_migrated_with_the_demos_own_migrations(
+    db_url: str, tmp_path: Path
+) -> None:
+    # As the refusal says, from anywhere (here a user's project with other migrations).
+    project = make_users_project(tmp_path / "orders")
+    ini = str(demo.alembic_ini())
+    migrated = run_dbkit("migrate", "upgrade", "--ini", ini, "--url", db_url, cwd=project)
+    assert migrated.returncode == 0, migrated.stderr
+    result = run_dbkit("demo", "--url", db_url, "--rows", "300", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert counts(db_url)["users_staging"] == 300
+    assert not users_migrations_ran(project)
 
 
 def test_demo_on_a_server_that_is_down(free_port: int) -> None:
@@ -154,6 +171,17 @@ def test_demo_with_nothing_configured_uses_a_throwaway_server(tmp_path: Path) ->
     assert re.search(rf"rejected +{invalid} rows", result.stdout)
     assert "health      ok" in result.stdout
     assert_stopped_and_removed(url, data_dir)
+
+
+def test_demo_inside_a_users_project_uses_its_own_schema(tmp_path: Path) -> None:
+    # The project's alembic.ini and settings are the user's: the demo takes neither.
+    project = make_users_project(tmp_path / "orders")
+    result = run_dbkit("demo", "--rows", "1500", cwd=project)
+    assert result.returncode == 0, result.stderr
+    users, _ = expected_counts(1500)
+    assert re.search(rf"users +{users} in the table", result.stdout)
+    assert not users_migrations_ran(project)
+    assert_stopped_and_removed(*throwaway_server(result.stdout))
 
 
 def test_demo_project_defaults_do_not_count_as_configured() -> None:
