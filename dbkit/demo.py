@@ -133,8 +133,8 @@ def check_schema(db: Database) -> None:
     if current not in heads:
         raise DemoSchemaError(
             f"{db.config.safe_dsn()} is at revision {current or 'base'}, not at the demo's "
-            f"{', '.join(heads)}: run `dbkit migrate upgrade --ini {ini}` first "
-            "(the demo's own migrations), or use --local"
+            f"{', '.join(heads)}: run `dbkit migrate upgrade` first, with the demo's "
+            f"migrations (--ini {ini}), or use --local"
         )
 
 

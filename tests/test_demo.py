@@ -161,7 +161,8 @@ def test_check_schema_compares_with_the_demos_own_head(
         demo.check_schema(db)
     message = str(caught.value)
     assert "at revision base, not at the demo's 0002" in message
-    assert f"dbkit migrate upgrade --ini {demo.alembic_ini()}" in message
+    assert "run `dbkit migrate upgrade` first" in message
+    assert f"(--ini {demo.alembic_ini()})" in message
     demo.migrate_schema(db)
     demo.check_schema(db)  # at the demo's head, though not at the project's a1_orders
 
