@@ -313,8 +313,8 @@ def _target(args: argparse.Namespace) -> Iterator[tuple[PostgresConfig, str]]:
         with LocalPostgres() as server:
             yield PostgresConfig.from_url(server.url), "local"
         return
-    settings = load_settings(env=args.env, settings_files=_settings_files(args))
-    yield _with_url(settings.database.postgres, args), settings.env
+    settings = load_settings(env=args.env, settings_files=_settings_files(args), url=_url(args))
+    yield settings.database.postgres, settings.env
 
 
 def _settings_files(args: argparse.Namespace) -> list[str] | None:
@@ -325,15 +325,16 @@ def _settings_files(args: argparse.Namespace) -> list[str] | None:
 
 def _configured(args: argparse.Namespace) -> PostgresConfig:
     """The settings' database, with ``--url`` applied."""
-    settings = load_settings(env=args.env, settings_files=_settings_files(args))
-    return _with_url(settings.database.postgres, args)
+    settings = load_settings(env=args.env, settings_files=_settings_files(args), url=_url(args))
+    return settings.database.postgres
 
 
-def _with_url(config: PostgresConfig, args: argparse.Namespace) -> PostgresConfig:
-    """``--url`` replaces the connection fields the way ``DATABASE_URL`` does, so retries,
-    timeouts and SSL files still come from the settings."""
-    url = getattr(args, "url", None)
-    return config.with_url(url) if url else config
+def _url(args: argparse.Namespace) -> str | None:
+    """``--url``: it replaces the connection fields the way ``DATABASE_URL`` does (so
+    retries, timeouts and SSL files still come from the settings), and counts as
+    configuration where no settings file is found."""
+    url: str | None = getattr(args, "url", None)
+    return url
 
 
 def _security_warnings(db: Database, env: str) -> list[str]:
@@ -484,18 +485,14 @@ def _demo_database(args: argparse.Namespace) -> Iterator[Database]:
     else a throwaway local server, migrated with them here and stopped (and deleted) on the
     way out, Ctrl-C included.  Never the working directory's alembic.ini (a user's project
     has its own migrations, not the demo's tables)."""
-    from dbkit import demo, migrate
+    from dbkit import demo
 
     if not args.local and _database_configured(args):
         with Database(_configured(args)) as db:
-            ini = demo.alembic_ini()
-            current, heads = migrate.current(db), migrate.heads(config_path=ini)
-            if current not in heads:
-                raise CommandFailed(
-                    f"{db.config.safe_dsn()} is at revision {current or 'base'}, not at the "
-                    f"demo's {', '.join(heads)}: run `dbkit migrate upgrade` first, with the "
-                    f"demo's migrations (--ini {ini}), or use --local"
-                )
+            try:
+                demo.check_schema(db)
+            except demo.DemoSchemaError as error:
+                raise CommandFailed(str(error)) from error
             print(f"database    {db.config.safe_dsn()}")
             yield db
         return

@@ -121,8 +121,9 @@ class NewRevision:
 
 
 def find_alembic_ini(config_path: str | os.PathLike[str] | None = None) -> Path:
-    """The alembic.ini to use: ``config_path`` > ``$DBKIT_ALEMBIC_INI`` > ``./alembic.ini``
-    > the project root next to the ``dbkit`` package (an editable install / checkout).
+    """The alembic.ini to use: ``config_path`` > ``$DBKIT_ALEMBIC_INI`` > ``alembic.ini``
+    in the working directory or the nearest directory above it > the project root next to
+    the ``dbkit`` package (a checkout).
 
     An explicitly named file that does not exist is an error, not a reason to fall back:
     silently migrating with some other project's migrations would be worse.
@@ -136,14 +137,15 @@ def find_alembic_ini(config_path: str | os.PathLike[str] | None = None) -> Path:
             if not path.is_file():
                 raise MigrationError(f"alembic.ini not found: {path} (from {origin})")
             return path.absolute()
-    candidates = [
-        Path.cwd() / "alembic.ini",
-        Path(__file__).resolve().parent.parent / "alembic.ini",
-    ]
+    here = Path.cwd()
+    # The working directory and those above it, as git finds .git: a project's commands
+    # work from its subdirectories too.
+    candidates = [d / "alembic.ini" for d in (here, *here.parents)]
+    candidates.append(Path(__file__).resolve().parent.parent / "alembic.ini")
     for path in candidates:
         if path.is_file():
             return path
-    looked = ", ".join(str(path) for path in candidates)
+    looked = f"{here} and every directory above it, {candidates[-1].parent}"
     raise MigrationError(
         f"no alembic.ini found (looked in {looked}); pass config_path, set "
         f"{ALEMBIC_INI_VAR}, or run from the project directory (`dbkit init` writes one)"

@@ -66,6 +66,7 @@ def test_breaker_open_and_close_are_audited(free_port: int, audit: list[dict[str
         max_retries=0,
     )
     with pytest.raises(ConnectError):
-        db.connect()
+        db.connect()  # its own retries are not counted by the breaker
+    assert db.health().ok is False  # a failed checkout is: it opens the breaker
     db.breaker.record_success()
-    assert [r["event"] for r in audit] == ["breaker_opened", "connect_failed", "breaker_closed"]
+    assert [r["event"] for r in audit] == ["connect_failed", "breaker_opened", "breaker_closed"]

@@ -266,14 +266,20 @@ def clean_ini_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatc
 
 
 def test_ini_lookup_order(
-    tmp_path: Path, private_migrations: Path, clean_ini_env: pytest.MonkeyPatch
+    tmp_path_factory: pytest.TempPathFactory,
+    private_migrations: Path,
+    clean_ini_env: pytest.MonkeyPatch,
 ) -> None:
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")  # no alembic.ini in it or above it
     clean_ini_env.chdir(elsewhere)
     assert migrate.find_alembic_ini() == ALEMBIC_INI  # next to the dbkit package
     clean_ini_env.chdir(private_migrations.parent)
     assert migrate.find_alembic_ini() == private_migrations  # ./alembic.ini
+    below = private_migrations.parent / "jobs" / "nightly"
+    below.mkdir(parents=True)
+    clean_ini_env.chdir(below)
+    assert migrate.find_alembic_ini() == private_migrations  # found upward, as git does
+    clean_ini_env.chdir(private_migrations.parent)
     clean_ini_env.setenv(migrate.ALEMBIC_INI_VAR, str(ALEMBIC_INI))
     assert migrate.find_alembic_ini() == ALEMBIC_INI  # $DBKIT_ALEMBIC_INI beats cwd
     assert migrate.find_alembic_ini(private_migrations) == private_migrations  # explicit wins

@@ -15,7 +15,7 @@ from typing import Any
 
 from .harness import Measurement, Verdict, Workload
 
-PACKAGES = ("dbkit", "sqlalchemy", "psycopg", "psycopg-pool", "dataset")
+PACKAGES = ("dbkit-postgres", "sqlalchemy", "psycopg", "psycopg-pool", "dataset")
 
 
 @dataclass
