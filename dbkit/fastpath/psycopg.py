@@ -41,8 +41,9 @@ class PgConnection(XactConnection):
     before COMMIT: the id is known before COMMIT leaves, at no round trip of its own.
     """
 
-    _dbkit_pending = 0  # answers still to read: the BEGIN's and its companions'
-    _dbkit_asking = False  # the question for the transaction id is in flight
+    # What was sent ahead and not yet read: ("begin", answers) for the BEGIN and its
+    # companions, ("xid", 1) for the question for the transaction's id.
+    _dbkit_ahead: tuple[str, int] | None = None
     # A FATAL error the server sent while no query was running (libpq reports it as a
     # notice): (sqlstate, message), for the error of the operation that meets the
     # closed connection.
@@ -59,27 +60,30 @@ class PgConnection(XactConnection):
         False when it cannot be sent (not idle, pipeline mode, a broken connection): the
         caller then begins the usual way.  Options not given are psycopg's own
         (``isolation_level``, ``read_only``, ``deferrable``), as in its implicit BEGIN."""
-        pgconn = self.pgconn
-        if self._dbkit_pending or self._pipeline is not None or pgconn.transaction_status != _IDLE:
+        busy = self._dbkit_ahead is not None or self._pipeline is not None
+        if busy or self.pgconn.transaction_status != _IDLE:
             return False
         command = b"; ".join(
             [begin_command(self, isolation, readonly), *(c.encode() for c in then)]
         )
+        return self._send_ahead(command, ("begin", 1 + len(then)))
+
+    def _send_ahead(self, command: bytes, ahead: tuple[str, int]) -> bool:
+        """Send ``command`` without waiting; the next operation reads its answers."""
+        pgconn = self.pgconn
         with self.lock:
             try:
                 pgconn.send_query(command)
-                pgconn.flush()  # what is not flushed now is by the collecting wait()
+                pgconn.flush()  # what is not flushed now is by the reading wait()
             except psycopg.Error:
                 return False
-            self._dbkit_pending = 1 + len(then)
+            self._dbkit_ahead = ahead
         return True
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            if self._dbkit_pending:
-                self._collect_begin()
-            elif self._dbkit_asking:
-                self._collect_transaction_id()
+            if self._dbkit_ahead is not None:
+                self._read_ahead()
             return super().wait(gen, *args, **kwargs)
         except psycopg.OperationalError as error:
             fatal = self._dbkit_fatal
@@ -98,54 +102,40 @@ class PgConnection(XactConnection):
 
     def after_write(self) -> None:
         """Ask for the transaction's id now; the answer is read by the next operation."""
-        pgconn = self.pgconn
-        busy = self._dbkit_asking or self._pipeline is not None
-        if busy or pgconn.transaction_status != _INTRANS:
+        busy = self._dbkit_ahead is not None or self._pipeline is not None
+        if busy or self.pgconn.transaction_status != _INTRANS:
             return  # settle_transaction_id() will ask before COMMIT
         query = xact_id_query(self.info.server_version)
-        if query is None:
-            return
-        with self.lock:
-            try:
-                pgconn.send_query(query)
-                pgconn.flush()
-            except psycopg.Error:
-                return  # the next operation meets the broken connection
-            self._dbkit_asking = True
+        if query is not None:
+            # On failure the next operation meets the broken connection.
+            self._send_ahead(query, ("xid", 1))
 
     def settle_transaction_id(self) -> None:
-        if self._dbkit_asking:
+        if self._dbkit_ahead is not None:
             with self.lock:
-                self._collect_transaction_id()
+                self._read_ahead()
         super().settle_transaction_id()
 
-    def _collect_transaction_id(self) -> None:
-        self._dbkit_asking = False
-        pgconn = self.pgconn
-        pgconn.consume_input()
-        results = super().wait(generators.execute(pgconn))
-        if len(results) == 1 and results[0].status == _TUPLES_OK and results[0].ntuples == 1:
-            value = results[0].get_value(0, 0)
-            self.record_transaction_id(None if value is None else value.decode())
-            return
-        for result in results:
-            if result.status == _FATAL_ERROR:
-                raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
-        raise psycopg.InterfaceError(f"unexpected answer to the transaction id: {results!r}")
-
-    def _collect_begin(self) -> None:
-        expected, self._dbkit_pending = self._dbkit_pending, 0
+    def _read_ahead(self) -> None:
+        """Read the answers of what was sent ahead; raise the server's error if any."""
+        assert self._dbkit_ahead is not None
+        (what, expected), self._dbkit_ahead = self._dbkit_ahead, None
         pgconn = self.pgconn
         # Read what has arrived without waiting: the answer normally has, and then no
         # poll() (nor a release of the GIL) is needed.
         pgconn.consume_input()
         results = super().wait(generators.execute(pgconn))
-        if len(results) == expected and all(r.status == _COMMAND_OK for r in results):
-            return
         for result in results:
             if result.status == _FATAL_ERROR:
                 raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
-        raise psycopg.InterfaceError(f"unexpected answer to BEGIN: {results!r}")
+        if len(results) == expected:
+            if what == "begin" and all(r.status == _COMMAND_OK for r in results):
+                return
+            if what == "xid" and results[0].status == _TUPLES_OK and results[0].ntuples == 1:
+                value = results[0].get_value(0, 0)
+                self.record_transaction_id(None if value is None else value.decode())
+                return
+        raise psycopg.InterfaceError(f"unexpected answer to {what} sent ahead: {results!r}")
 
 
 def _fatal_listener(ref: weakref.ReferenceType[PgConnection]) -> Any:
