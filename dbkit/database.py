@@ -37,7 +37,7 @@ from dbkit.health import Health, HealthMonitor
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired, shut
 from dbkit.resilience import CircuitBreaker
-from dbkit.retrying import Attempts, Failure, RetryPolicy, is_read, next_wait
+from dbkit.retrying import Attempts, Failure, RetryPolicy, is_read, run_retrying
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
 from dbkit.transaction import Transaction, TransactionManager, TransactionOptions
 from dbkit.transaction.outcome import Outcome, resolve_commit
@@ -375,29 +375,17 @@ class Database:
         reached.  A first checkout that fails is raised at once."""
         if not retry:
             return operation()
-        policy = self._retry_policy(reruns=1)
-        attempts = Attempts()
-        started = time.monotonic()
-        while True:
-            try:
-                return operation()
-            except (sa_exc.DBAPIError, ConnectError, CircuitOpenError) as error:
-                if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
-                    failure = Failure.RERUN
-                elif attempts.reruns and (
-                    is_transient(error) or isinstance(error, CircuitOpenError)
-                ):
-                    failure = Failure.OUTAGE  # the server went away with the dead connection
-                else:
-                    raise
-                elapsed = time.monotonic() - started
-                delay = next_wait(policy, attempts, failure, elapsed, random.random())
-                if delay is None:
-                    raise
-                logger.bind(failure=failure.name).info(
-                    "running a statement again in {:.3f}s: {}", delay, failure.value
-                )
-                time.sleep(delay)
+
+        def classify(error: Exception, attempts: Attempts) -> Failure:
+            if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+                return Failure.RERUN
+            away = isinstance(error, CircuitOpenError) or (
+                isinstance(error, (sa_exc.DBAPIError, ConnectError)) and is_transient(error)
+            )
+            # Waited for only once a dead connection was met: the server went away with it.
+            return Failure.OUTAGE if away and attempts.reruns else Failure.FINAL
+
+        return run_retrying(operation, self._retry_policy(reruns=1), classify, what="a statement")
 
     def run_autocommit(self, func: Callable[[DbkitConnection], R], *, retry: bool) -> R:
         """``func(conn)`` on a pooled connection in autocommit, as ``run_alone``."""

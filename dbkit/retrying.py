@@ -10,20 +10,29 @@ Two budgets, kept apart because they answer different questions:
   cannot be reached (refused, starting up, shutting down, breaker open).  Waiting for it
   does not spend ``N``; the count starts again once a run gets a connection.
 
-``deadline`` (``retry_timeout``) caps the whole run, waits included.  Nothing here does I/O
-or reads the clock: callers pass the elapsed time and a random number, so every decision
-can be tested alone.
+``deadline`` (``retry_timeout``) caps the whole run, waits included.  The decisions
+(``next_wait``) do no I/O and read no clock: callers pass the elapsed time and a random
+number, so every one can be tested alone.  ``run_retrying`` applies them: the one loop that
+runs, classifies, waits and runs again, for whole transactions and lone statements alike.
 """
 
 from __future__ import annotations
 
 import enum
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import sqlalchemy as sa
+from loguru import logger
 
-__all__ = ["Attempts", "Failure", "RetryPolicy", "is_read", "next_wait"]
+from dbkit.errors import sqlstate_of
+
+__all__ = ["Attempts", "Failure", "RetryPolicy", "is_read", "next_wait", "run_retrying"]
+
+R = TypeVar("R")
 
 # First words of SQL text that only reads (WITH is not one: it may carry an UPDATE).
 _READ_WORDS = ("SELECT", "SHOW", "VALUES", "TABLE", "EXPLAIN")
@@ -87,6 +96,46 @@ def next_wait(
             return None
         delay = min(delay, left)
     return delay
+
+
+def run_retrying(
+    once: Callable[[], R],
+    policy: RetryPolicy,
+    classify: Callable[[Exception, Attempts], Failure],
+    *,
+    what: str,
+    rerun: Callable[[], None] | None = None,
+    give_up: Callable[[Exception, Attempts, float], NoReturn] | None = None,
+) -> R:
+    """``once()`` until it succeeds or ``policy`` says to stop.  ``classify`` tells what a
+    failure means (it may look at the budgets used so far); ``rerun()`` hears of each re-run
+    that spends the budget (not of outage waits); ``give_up`` raises instead of the last
+    error when the re-runs (or the deadline) are spent, else that error is raised."""
+    attempts = Attempts()
+    started = time.monotonic()
+    while True:
+        try:
+            return once()
+        except Exception as error:
+            failure = classify(error, attempts)
+            elapsed = time.monotonic() - started
+            delay = next_wait(policy, attempts, failure, elapsed, random.random())
+            if delay is None:
+                if give_up is not None and failure is Failure.RERUN:
+                    give_up(error, attempts, elapsed)
+                raise
+            if rerun is not None and failure is Failure.RERUN:
+                rerun()
+            logger.bind(
+                attempt=attempts.reruns, sqlstate=sqlstate_of(error), failure=failure.name
+            ).info(
+                "running {} again in {:.3f}s after {} ({})",
+                what,
+                delay,
+                type(error).__name__,
+                failure.value,
+            )
+            time.sleep(delay)
 
 
 def is_read(statement: Any) -> bool:

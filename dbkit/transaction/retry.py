@@ -5,12 +5,9 @@ How long to wait, and when to stop, is ``dbkit.retrying``'s (pure) policy.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
-from loguru import logger
 from sqlalchemy import exc as sa_exc
 
 from dbkit.errors import (
@@ -24,7 +21,7 @@ from dbkit.errors import (
     is_transient,
     sqlstate_of,
 )
-from dbkit.retrying import Attempts, Failure, RetryPolicy, next_wait
+from dbkit.retrying import Attempts, Failure, RetryPolicy, run_retrying
 from dbkit.transaction.options import TransactionOptions
 from dbkit.xact import stale_plan
 
@@ -132,28 +129,16 @@ def giving_up(
 def run_with_retries(once: Callable[[], R], policy: RetryPolicy, rerun: Callable[[], None]) -> R:
     """``once()`` (one whole transaction) until it succeeds or ``policy`` says to stop;
     ``rerun()`` is told of each re-run that spends the budget (not of outage waits)."""
-    attempts = Attempts()
-    started = time.monotonic()
-    while True:
-        try:
-            return once()
-        except Exception as error:
-            failure = classify(error)
-            elapsed = time.monotonic() - started
-            delay = next_wait(policy, attempts, failure, elapsed, random.random())
-            if delay is None:
-                if failure is not Failure.RERUN:
-                    raise  # not worth another run, or the database stayed away
-                cause = error.__cause__ if isinstance(error, RetryableError) else error
-                raise giving_up(error, attempts.reruns + 1, elapsed, policy) from cause
-            if failure is Failure.RERUN:
-                rerun()
-            logger.bind(
-                attempt=attempts.reruns, sqlstate=sqlstate_of(error), failure=failure.name
-            ).info(
-                "running the transaction again in {:.3f}s after {} ({})",
-                delay,
-                type(error).__name__,
-                failure.value,
-            )
-            time.sleep(delay)
+
+    def give_up(error: Exception, attempts: Attempts, elapsed: float) -> NoReturn:
+        cause = error.__cause__ if isinstance(error, RetryableError) else error
+        raise giving_up(error, attempts.reruns + 1, elapsed, policy) from cause
+
+    return run_retrying(
+        once,
+        policy,
+        lambda error, _attempts: classify(error),
+        what="the transaction",
+        rerun=rerun,
+        give_up=give_up,
+    )
