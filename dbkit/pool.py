@@ -127,21 +127,26 @@ class PolicyHooks:
         if record.dbapi_connection is not None:
             check_reused(record, self.policy, self.counters)
 
+    # Logged when reset() fails; the connection is closed instead of going back.
+    reset_failed = "rollback on return failed; discarded"
+
     def returned(self, record: ConnectionPoolEntry) -> None:
-        counters = self.counters
-        counters.checked_in()
+        self.counters.checked_in()
         dbapi_conn: Any = record.dbapi_connection
         if dbapi_conn is None or self._closing(record):  # invalidated, or shut down
             return
-        # Replaces QueuePool's unconditional rollback-on-return: libpq already knows
-        # whether a transaction is open, so an idle connection skips the driver call.
-        if dbapi_conn.pgconn.transaction_status != _IDLE:
-            try:
-                dbapi_conn.rollback()
-            except BaseException as error:
-                _reset_failed(record, error, "rollback on return failed; discarded")
-                return
+        try:
+            self.reset(dbapi_conn)
+        except BaseException as error:
+            _reset_failed(record, error, self.reset_failed)
+            return
         self._mark_idle(record)
+
+    def reset(self, dbapi_conn: Any) -> None:
+        """Replaces QueuePool's unconditional rollback-on-return: libpq already knows
+        whether a transaction is open, so an idle connection skips the driver call."""
+        if dbapi_conn.pgconn.transaction_status != _IDLE:
+            dbapi_conn.rollback()
 
     def _mark_idle(self, record: ConnectionPoolEntry) -> None:
         if not self.policy.keep_idle:
@@ -178,17 +183,10 @@ class DiscardPolicyHooks(PolicyHooks):
         super().__init__(counters, policy)
         self.forget = forget
 
-    def returned(self, record: ConnectionPoolEntry) -> None:
-        self.counters.checked_in()
-        dbapi_conn: Any = record.dbapi_connection
-        if dbapi_conn is None or self._closing(record):  # invalidated, or shut down
-            return
-        try:
-            discard_all(dbapi_conn, self.forget)
-        except BaseException as error:
-            _reset_failed(record, error, "DISCARD ALL on return failed; connection closed")
-            return
-        self._mark_idle(record)
+    reset_failed = "DISCARD ALL on return failed; connection closed"
+
+    def reset(self, dbapi_conn: Any) -> None:
+        discard_all(dbapi_conn, self.forget)
 
 
 def policy_hooks(counters: PoolCounters, policy: PoolPolicy, *, fast: bool) -> PolicyHooks:
