@@ -158,10 +158,7 @@ class TrackingCursor(psycopg.Cursor[Any]):
             with psycopg.Cursor(self.connection) as cursor:
                 cursor.execute("DEALLOCATE ALL")
             super().execute(query, params, **kwargs)
-        conn = self.connection
-        if conn.tracking:  # type: ignore[attr-defined]
-            result = self.pgresult
-            conn.note(None if result is None else result.command_status)  # type: ignore[attr-defined]
+        self._noted()
         return self
 
     def executemany(self, query: Any, params_seq: Iterable[Any], **kwargs: Any) -> None:
@@ -174,6 +171,10 @@ class TrackingCursor(psycopg.Cursor[Any]):
     def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
         with super().copy(statement, params, **kwargs) as copy:
             yield copy
+        self._noted()
+
+    def _noted(self) -> None:
+        """Tell the connection the command tag of what just ran, when it is tracking."""
         conn = self.connection
         if conn.tracking:  # type: ignore[attr-defined]
             result = self.pgresult
