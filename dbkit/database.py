@@ -41,6 +41,7 @@ from dbkit.retrying import Attempts, Failure, RetryPolicy, is_read, run_retrying
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
 from dbkit.transaction import Transaction, TransactionManager, TransactionOptions
 from dbkit.transaction.outcome import Outcome, resolve_commit
+from dbkit.transaction.server_settings import KnownSettings, SettingValue
 
 if TYPE_CHECKING:
     from typing import Self
@@ -103,6 +104,7 @@ class Database:
         self._driver: DriverPath | None = None
         self._connection_cls: type[DbkitConnection] = DbkitConnection
         self._counters = PoolCounters(config.max_open_conns)
+        self._known_settings = KnownSettings(self._server_settings)
         self.breaker = CircuitBreaker(
             config.breaker_failure_threshold,
             config.breaker_recovery_timeout,
@@ -113,6 +115,7 @@ class Database:
             self._queries,
             policy=self._retry_policy(),
             resolve=self._resolve_commit if config.resolve_commit_outcome else None,
+            check_settings=self._known_settings.check,
         )
         self._leaks = (
             LeakDetector(config.leak_detection_threshold)
@@ -522,6 +525,7 @@ class Database:
         timeout: float | None = None,
         retries: int | None = None,
         retry_timeout: float | None = None,
+        settings: Mapping[str, SettingValue] | None = None,
     ) -> Transaction: ...
 
     def transaction(
@@ -536,13 +540,24 @@ class Database:
         timeout: float | None = None,
         retries: int | None = None,
         retry_timeout: float | None = None,
+        settings: Mapping[str, SettingValue] | None = None,
     ) -> Transaction | Callable[..., R]:
         """A transaction block: ``with db.transaction() as conn``, ``@db.transaction`` or
         ``@db.transaction(...)``.  Outermost → BEGIN/COMMIT; nested → SAVEPOINT.
         ``retries=N`` (decorator only) re-runs the whole function up to N times on a
         failure that running it again may cure; ``retry_timeout`` caps the whole run
-        (alone, it allows re-runs until then)."""
-        options = TransactionOptions(savepoint, durable, readonly, isolation, timeout)
+        (alone, it allows re-runs until then).
+
+        ``settings={"work_mem": "256MB"}``: server settings local to the transaction
+        (``set_config(name, value, true)``, sent with the BEGIN or SAVEPOINT, no round
+        trip of its own).  Names are checked before any SQL of the block: an invalid or
+        unknown one (not in ``pg_settings``, nor a custom ``prefix.name``), or one a
+        session cannot change, is a ``ValueError`` (the server's list is read once per
+        Database, the first time).  In a nested block they follow ``SET LOCAL``: they last
+        until the outermost transaction ends, and are undone only when the block's
+        savepoint is rolled back.  ``statement_timeout`` is ``timeout=``'s, isolation and
+        read-only mode their options'."""
+        options = TransactionOptions(savepoint, durable, readonly, isolation, timeout, settings)
         tx = Transaction(self._transactions, options, retries, retry_timeout)
         return tx if func is None else tx(func)
 
@@ -557,13 +572,20 @@ class Database:
         """``func(conn)`` in an outermost transaction, re-run whole on serialization failure
         (40001), deadlock (40P01), lock timeout (55P03), an aborted or lost COMMIT, or a
         connection lost before COMMIT; waiting out an unreachable database with the
-        connect policy, without spending ``retries``."""
+        connect policy, without spending ``retries``.  ``options``: those of
+        ``transaction()`` (``readonly``, ``isolation``, ``timeout``, ``settings`` …)."""
         return self._transactions.run(
             func,
             retries=retries,
             options=TransactionOptions(**options),
             retry_timeout=retry_timeout,
         )
+
+    def _server_settings(self) -> list[tuple[str, str]]:
+        """``pg_settings``' names and contexts, for ``KnownSettings``: on this thread's
+        block's connection inside one, else on a pooled connection of its own."""
+        rows = self.execute(sa.text("SELECT name, context FROM pg_settings"))
+        return [(name, context) for name, context in rows]
 
     def on_commit(self, func: Callable[[], Any], robust: bool = False) -> None:
         self._transactions.on_commit(func, robust)

@@ -129,7 +129,8 @@ class PgConnection(XactConnection):
             if result.status == _FATAL_ERROR:
                 raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
         if len(results) == expected:
-            if what == "begin" and all(r.status == _COMMAND_OK for r in results):
+            # The BEGIN's companions: SET LOCAL, or SELECT set_config(…) (settings=).
+            if what == "begin" and all(r.status in (_COMMAND_OK, _TUPLES_OK) for r in results):
                 return
             if what == "xid" and results[0].status == _TUPLES_OK and results[0].ntuples == 1:
                 value = results[0].get_value(0, 0)

@@ -8,15 +8,17 @@ thread), as Django keeps it on the connection; a ``Transaction`` holds only the 
 it was made with, so one instance can be entered again while it is open.
 
 Entering the outermost block checks a connection out of the pool and begins: with fast
-paths on, ``BEGIN [ISOLATION LEVEL …] [READ ONLY]`` and the block's ``SET LOCAL
-statement_timeout`` are sent at once and their answer is read with the first statement's,
-so beginning costs no round trip of its own.  The connection becomes the thread's
-ambient one: ``db.execute``, repositories and nested blocks use it.
+paths on, ``BEGIN [ISOLATION LEVEL …] [READ ONLY]``, the block's ``SET LOCAL
+statement_timeout`` and its ``settings=`` (one ``SELECT set_config(…)``) are sent at
+once and their answer is read with the first statement's, so beginning costs no round
+trip of its own.  The connection becomes the thread's ambient one: ``db.execute``,
+repositories and nested blocks use it.
 
 Entering a nested block checks what may not be nested (durable, a different isolation, a
 read-write block in a read-only one), then sends ``SAVEPOINT`` with, in the same round
-trip, ``SET TRANSACTION READ ONLY`` and the local timeout when the block asks for them.
-If that fails, the half-opened block is rolled back to its savepoint and forgotten.
+trip, ``SET TRANSACTION READ ONLY``, the local timeout and the settings when the block
+asks for them.  If that fails, the half-opened block is rolled back to its savepoint and
+forgotten.
 
 Every statement of the application passes the block's guard on the connection.  It
 refuses statements once the block can no longer commit, and notices a failed statement:
@@ -47,7 +49,8 @@ connection dies with COMMIT in flight, ``outcome`` asks a fresh connection
 ``pg_xact_status(id)``: committed → the block ends normally; aborted → ``RetryableError``;
 still unknown → ``CommitOutcomeUnknown``, never retried.
 
-Modules: ``options`` (what a block asks for), ``state`` (the plans, no I/O), ``manager``
+Modules: ``options`` (what a block asks for), ``server_settings`` (its ``settings=``,
+checked against the server's list), ``state`` (the plans, no I/O), ``manager``
 (carrying them out on a connection), ``retry`` (what is worth running again), ``outcome``
 (what became of a lost COMMIT).
 """

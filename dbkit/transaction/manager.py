@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
@@ -142,10 +142,13 @@ class TransactionManager:
         *,
         policy: RetryPolicy | None = None,
         resolve: Callable[[int], Outcome | None] | None = None,
+        check_settings: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
         """``checkout``: a pooled connection for an outermost block.  ``policy``: the
         outage waits of ``retries=`` runs (the connect policy).  ``resolve(xid)``: what
-        became of a transaction whose COMMIT was lost (None: resolution is off)."""
+        became of a transaction whose COMMIT was lost (None: resolution is off).
+        ``check_settings``: raises for a block's ``settings=`` the server would refuse."""
+        self._check_settings = check_settings
         self._checkout = checkout
         self._queries = queries
         self._policy = policy or RetryPolicy()
@@ -205,6 +208,8 @@ class TransactionManager:
     # -- enter -----------------------------------------------------------------------------
 
     def enter(self, tx: Transaction) -> DbkitConnection:
+        if tx.options.settings and self._check_settings is not None:
+            self._check_settings(tx.options.settings)  # before any SQL of the block
         state = self._state()
         conn = state.conn
         if conn is None:

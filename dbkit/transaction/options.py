@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dbkit.errors import TransactionError
+from dbkit.transaction.server_settings import (
+    SettingValue,
+    normalize_settings,
+    set_config_command,
+)
 
 __all__ = ["TransactionOptions", "normalize_isolation"]
 
@@ -36,13 +42,16 @@ def normalize_isolation(value: str | None) -> str | None:
 @dataclass(frozen=True, slots=True)
 class TransactionOptions:
     """The options of a block.  ``readonly`` and ``isolation`` None mean "inherit" (the
-    enclosing block's, or the server's default for the outermost one)."""
+    enclosing block's, or the server's default for the outermost one).  ``settings``:
+    server settings local to the transaction (``dbkit.transaction.server_settings``),
+    kept normalized (lower-case names, values as text); an empty mapping is None."""
 
     savepoint: bool = True
     durable: bool = False
     readonly: bool | None = None
     isolation: str | None = None
     timeout: float | None = None
+    settings: Mapping[str, SettingValue] | None = None
 
     def __post_init__(self) -> None:
         timeout = self.timeout
@@ -50,6 +59,9 @@ class TransactionOptions:
             raise TransactionError(f"timeout must be a positive number of seconds, got {timeout}")
         if self.isolation is not None:
             object.__setattr__(self, "isolation", normalize_isolation(self.isolation))
+        if self.settings is not None:
+            settings = normalize_settings(self.settings)
+            object.__setattr__(self, "settings", settings or None)
 
     @property
     def timeout_sql(self) -> str | None:
@@ -57,3 +69,10 @@ class TransactionOptions:
         if self.timeout is None:
             return None
         return f"'{max(1, round(self.timeout * 1000))}ms'"
+
+    @property
+    def settings_sql(self) -> str | None:
+        """The command that applies ``settings`` (``SELECT set_config(…)``), or None."""
+        if not self.settings:
+            return None
+        return set_config_command({name: str(value) for name, value in self.settings.items()})

@@ -144,7 +144,7 @@ class TransactionState:
         self.readonly = bool(options.readonly)
         block = Block(owner, options)
         self.blocks.append(block)
-        return self._set_timeout(block)
+        return self._set_timeout(block) + _settings(options)
 
     def enter_nested(self, owner: object, options: TransactionOptions) -> list[str]:
         """A block inside an open transaction: checks, then SAVEPOINT and the block's
@@ -168,11 +168,13 @@ class TransactionState:
         if options.readonly is False and self.readonly:
             raise TransactionError("a read-write block cannot be nested in a read-only block")
         make_readonly = bool(options.readonly) and not self.readonly
-        if self.status is not Status.ACTIVE and (make_readonly or options.timeout is not None):
-            # Both need a statement, and none can run until the broken block ends.
+        needs_statement = make_readonly or options.timeout is not None or options.settings
+        if self.status is not Status.ACTIVE and needs_statement:
+            # Each needs a statement, and none can run until the broken block ends.
             raise TransactionBroken(
-                "cannot open a read-only or timed block: an error occurred earlier in this "
-                "transaction block and no statement can run until it ends"
+                "cannot open a read-only or timed block, or one with settings: an error "
+                "occurred earlier in this transaction block and no statement can run until "
+                "it ends"
             ) from self.cause
         if make_readonly and not options.savepoint:
             raise TransactionError(
@@ -189,7 +191,9 @@ class TransactionState:
             commands.append("SET TRANSACTION READ ONLY")
             block.was_readonly = self.readonly
             self.readonly = True
-        commands += self._set_timeout(block)
+        # Settings stay as SET LOCAL does: until the transaction ends, unless the
+        # savepoint is rolled back (PostgreSQL undoes them with it).
+        commands += self._set_timeout(block) + _settings(options)
         self.blocks.append(block)
         return commands
 
@@ -274,6 +278,11 @@ class TransactionState:
 
     def register(self, func: Callable[[], Any], robust: bool) -> None:
         self.callbacks.append((self.savepoints, func, robust))
+
+
+def _settings(options: TransactionOptions) -> list[str]:
+    command = options.settings_sql
+    return [] if command is None else [command]
 
 
 def _rollback_to(savepoint: str) -> list[str]:
