@@ -13,6 +13,7 @@ from dbkit.errors import (
     DuplicateKeyError,
     ForeignKeyError,
     IntegrityError,
+    LockNotAvailable,
     MultipleResultsError,
     NotFoundError,
     PoolTimeoutError,
@@ -23,6 +24,7 @@ from dbkit.errors import (
     is_transient,
 )
 from dbkit.health import Health
+from dbkit.locks import HeldLock, advisory_key
 from dbkit.logging import configure_logging
 from dbkit.repository import Page, Repository
 from dbkit.resilience import CircuitBreaker
@@ -57,7 +59,9 @@ __all__ = [
     "DuplicateKeyError",
     "ForeignKeyError",
     "Health",
+    "HeldLock",
     "IntegrityError",
+    "LockNotAvailable",
     "LogConfig",
     "MultipleResultsError",
     "NotFoundError",
@@ -74,6 +78,7 @@ __all__ = [
     "TransactionOptions",
     "TransactionRolledBack",
     "__version__",
+    "advisory_key",
     "configure_logging",
     "describe_settings",
     "is_transient",

@@ -34,6 +34,7 @@ from dbkit.fastpath.driver import DriverPath
 from dbkit.fastpath.pool import PoolClosed
 from dbkit.fastpath.sqlalchemy import Declined
 from dbkit.health import Health, HealthMonitor
+from dbkit.locks import AdvisoryLocks, HeldLock
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired, shut
 from dbkit.resilience import CircuitBreaker
@@ -105,6 +106,7 @@ class Database:
         self._connection_cls: type[DbkitConnection] = DbkitConnection
         self._counters = PoolCounters(config.max_open_conns)
         self._known_settings = KnownSettings(self._server_settings)
+        self._locks = AdvisoryLocks(self)
         self.breaker = CircuitBreaker(
             config.breaker_failure_threshold,
             config.breaker_recovery_timeout,
@@ -586,6 +588,17 @@ class Database:
         block's connection inside one, else on a pooled connection of its own."""
         rows = self.execute(sa.text("SELECT name, context FROM pg_settings"))
         return [(name, context) for name, context in rows]
+
+    def advisory_lock(
+        self, name: str | int, *, wait: bool = True, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[HeldLock]:
+        """``with db.advisory_lock("nightly-import", wait=False):`` -- one holder at a
+        time across every process using this database (``dbkit.locks``).  Not granted →
+        ``LockNotAvailable``: at once with ``wait=False``, after ``timeout`` seconds with
+        ``wait=True`` (None: no bound).  Inside a transaction block the lock is the
+        transaction's (released when the outermost one ends); outside, it is held on a
+        pooled connection of its own until the ``with`` ends."""
+        return self._locks.hold(name, wait=wait, timeout=timeout)
 
     def on_commit(self, func: Callable[[], Any], robust: bool = False) -> None:
         self._transactions.on_commit(func, robust)

@@ -23,6 +23,7 @@ __all__ = [
     "DuplicateKeyError",
     "ForeignKeyError",
     "IntegrityError",
+    "LockNotAvailable",
     "MultipleResultsError",
     "NotFoundError",
     "PoolTimeoutError",
@@ -143,6 +144,31 @@ class CommitOutcomeUnknown(TransactionError):
         self.xid = xid
 
 
+class LockNotAvailable(DbkitError):
+    """An advisory lock (``db.advisory_lock``) is held by another session: it was not
+    waited for (``wait=False``) or not granted within ``timeout``.  Never retried
+    automatically, not even by ``retries=``: the caller chose how long to wait.
+
+    ``lock`` is the name (or int key) asked for, ``key`` the 64-bit key locked;
+    ``holder_pid`` and ``holder_application`` name the session holding it, when it could be
+    found (None otherwise)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        lock: str | int | None = None,
+        key: int | None = None,
+        holder_pid: int | None = None,
+        holder_application: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.lock = lock
+        self.key = key
+        self.holder_pid = holder_pid
+        self.holder_application = holder_application
+
+
 class RetryableError(DbkitError):
     """The transaction failed in a way that re-running it may fix: a serialization failure
     (40001), deadlock (40P01), lock not available (55P03), a write refused by a server that
@@ -233,7 +259,9 @@ def is_transient(exc: BaseException) -> bool:
     was asked but about the server or network being momentarily unable to answer."""
     if isinstance(exc, (RetryableError, CircuitOpenError)):
         return isinstance(exc, RetryableError)
-    if isinstance(exc, (ConfigError, NotFoundError, IntegrityError, TransactionError)):
+    if isinstance(
+        exc, (ConfigError, NotFoundError, IntegrityError, TransactionError, LockNotAvailable)
+    ):
         return False
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True

@@ -15,6 +15,7 @@ from dbkit.errors import (
     CommitOutcomeUnknown,
     ConnectError,
     DbkitError,
+    LockNotAvailable,
     RetryableError,
     TransactionError,
     TransactionRolledBack,
@@ -64,9 +65,12 @@ def classify(error: BaseException) -> Failure:
 
 def worth_retrying(error: BaseException) -> bool:
     """A serialization failure, deadlock or lock timeout, an aborted COMMIT, or a
-    connection lost before COMMIT was sent (the server rolled the work back)."""
+    connection lost before COMMIT was sent (the server rolled the work back); not an
+    advisory lock that ``db.advisory_lock`` did not get."""
     if isinstance(error, RetryableError):
         return True
+    if isinstance(error, LockNotAvailable):
+        return False  # the caller chose how long to wait for it (its cause may be 55P03)
     if sqlstate_of(error) in _RETRY_SQLSTATES:
         return True
     if any(stale_plan(e) for e in _chain(error)):
