@@ -322,7 +322,9 @@ class TransactionManager:
         assert state.conn is not None
         try:
             state.conn.send_commands(plan.commands)
-        except sa_exc.DBAPIError as error:
+        except (sa_exc.DBAPIError, sa_exc.PendingRollbackError) as error:
+            # PendingRollbackError: the connection was lost (and invalidated) under the
+            # block, so the error that left the block is the one to report.
             state.rollback_to_failed(savepoint, plan.cause or cause, error)
         else:
             state.rolled_back_to(savepoint)
