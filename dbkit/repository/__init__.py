@@ -13,6 +13,8 @@ list/count/exists   SELECT … / SELECT count(*) / SELECT EXISTS (…)
 add, add_many       INSERT … RETURNING; many rows through insertmanyvalues, in input order
 insert_many         executemany without RETURNING (psycopg pipelines it)
 bulk_load           COPY … FROM STDIN on the transaction's own driver connection, streamed
+merge_from_staging  per chunk of a staging table, one INSERT … SELECT … ON CONFLICT with
+                    CTEs that write the rows the table would refuse to a rejects table
 upsert(_many)       INSERT … ON CONFLICT DO UPDATE; many rows de-duplicated (last wins),
                     written in key order (no deadlock between two writers): unnest()
                     arrays for small inputs, COPY into a temporary table and one
@@ -35,7 +37,9 @@ subclass's own classes through ``constraint_errors``.
 The package, one job per module: ``base`` (the ``Repository`` class), ``plan`` (what a
 class knows about its table: columns, model mapping, write values), ``keyset`` (``Page``,
 ordering and keyset conditions), ``fastpath`` (driver-level ``get`` and ``stream``) and
-``bulk`` (COPY and the steps of ``upsert_many``).
+``bulk`` (COPY and the steps of ``upsert_many``), ``merge`` (``merge_from_staging``: a
+staging table merged set-based, with rejects) and ``catalog`` (what the server says about
+a table's columns and constraints, which the merge judges rows by).
 """
 
 from dbkit.repository.base import Filter as Filter
@@ -44,5 +48,6 @@ from dbkit.repository.bulk import DEFAULT_UPSERT_CHUNK as DEFAULT_UPSERT_CHUNK
 from dbkit.repository.keyset import OrderBy as OrderBy
 from dbkit.repository.keyset import OrderKey as OrderKey
 from dbkit.repository.keyset import Page
+from dbkit.repository.merge import MergeChunk, MergeResult
 
-__all__ = ["Page", "Repository"]
+__all__ = ["MergeChunk", "MergeResult", "Page", "Repository"]

@@ -28,7 +28,7 @@ from dbkit.errors import (
 )
 from dbkit.fastpath.driver import FastGet
 from dbkit.fastpath.sqlalchemy import Declined, instrumented
-from dbkit.repository import bulk
+from dbkit.repository import bulk, merge
 from dbkit.repository.bulk import (
     DEFAULT_UPSERT_CHUNK,
     END,
@@ -41,6 +41,7 @@ from dbkit.repository.bulk import (
     tuple_getter,
 )
 from dbkit.repository.keyset import OrderBy, Page, after_clause, descending, keys_of
+from dbkit.repository.merge import DEFAULT_MERGE_CHUNK, MergeChunk, MergeResult, OnConflict
 from dbkit.repository.plan import Plan
 from dbkit.repository.streaming import driver_stream
 from dbkit.retrying import is_read
@@ -441,6 +442,63 @@ class Repository(Generic[T]):
             for step in steps:
                 step.run(conn)
         return len(latest)  # DO UPDATE without a WHERE writes every (de-duplicated) row
+
+    @_translating
+    def merge_from_staging(
+        self,
+        staging: sa.Table | str,
+        *,
+        order_by: str,
+        conflict: Sequence[str] | None = None,
+        columns: Sequence[str] | None = None,
+        update: Sequence[str] | None = None,
+        on_conflict: OnConflict = "update",
+        rejects: sa.Table | str | None = None,
+        reason_column: str = "reason",
+        chunk_size: int = DEFAULT_MERGE_CHUNK,
+        after: Any = None,
+        retries: int = 3,
+        on_chunk: Callable[[MergeChunk], None] | None = None,
+    ) -> MergeResult:
+        """Merge a staging table (loaded by ``bulk_load``/COPY, typically all text) into
+        this table, set-based, one transaction per ``chunk_size`` staging rows; the rows
+        the table would refuse go to ``rejects`` with the reason instead of failing the
+        chunk.  Returns the counts (``MergeResult``).
+
+        - ``order_by``: a unique column of staging (the input line) that orders the
+          records and names them in ``rejects``; ``after=`` resumes past a value.
+        - ``columns``: the columns to set, from staging columns of the same name
+          (default: every column staging has, but identity, generated and hook columns).
+          Text bound for another type is checked to parse as it.
+        - ``conflict`` (default: the primary key) and ``on_conflict``: ``"update"`` (the
+          ``update`` columns, default all merged ones; rows already equal are not
+          written, so a re-run changes nothing; of several records of one key the last
+          wins), ``"skip"`` (keep the table's row) or ``"reject"`` (refuse the record).
+        - ``rejects``: a table with a text ``reason_column``, the ``order_by`` column and
+          any staging columns worth keeping (filled by name); a chunk's earlier rejects
+          are replaced when it runs again.  Without one, ``result.rejected_rows`` lists
+          ``(order value, reason)``.
+
+        Refusals predicted in SQL: NOT NULL, CHECK constraints, values that do not parse,
+        foreign keys, unique keys against the table and within the input.  Failures no
+        query predicts (triggers, exclusion constraints, concurrent writers) are pinned on
+        rows by bisecting the chunk in savepoints.  Inside a transaction block, each
+        chunk is a savepoint of it.  Details: ``dbkit.repository.merge``."""
+        return merge.merge_from_staging(
+            self,
+            staging,
+            order_by=order_by,
+            conflict=conflict,
+            columns=columns,
+            update=update,
+            on_conflict=on_conflict,
+            rejects=rejects,
+            reason_column=reason_column,
+            chunk_size=chunk_size,
+            after=after,
+            retries=retries,
+            on_chunk=on_chunk,
+        )
 
     @_translating
     def update(
