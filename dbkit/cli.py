@@ -195,11 +195,12 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
     parser = commands.add_parser(
         "demo",
-        help="the batch demo: COPY, chunked upserts with rejects, streaming report",
+        help="the batch demo: COPY, a set-based merge with rejects, streaming report",
         description=(
-            "Load N user records (some invalid) into users_staging by COPY, upsert them into "
-            "users one chunk per transaction (bad records isolated in savepoints and written "
-            "to import_rejects), stream a report, record a health check.  With no database "
+            "Load N user records (some invalid) into users_staging by COPY, merge them into "
+            "users one chunk per transaction (the records users would refuse are found in "
+            "SQL and written to import_rejects with the reason), stream a report, record a "
+            "health check.  With no database "
             "configured (DATABASE_URL, DBKIT_DATABASE__POSTGRES__*, a settings file of "
             "yours, --url), it runs on a throwaway local PostgreSQL, migrated first and "
             "stopped at the end.  A configured database must be migrated already."

@@ -58,12 +58,13 @@ def committed_chunks(url: str, n: int, chunk: int) -> int:
     assert len(lines) == len(set(lines)), "a rejected record recorded twice"
     rejected = set(lines)
     records = list(demo.generate(n))
+    last = {r.email: r.line for r in records}  # the record of an email that counts
     seen: set[str | None] = set()
     states = []
     for start in range(0, n, chunk):
         part = records[start : start + chunk]
-        new = {r.email for r in part if is_valid(r)} - seen  # users this chunk creates
-        seen |= new
+        new = {r.email for r in part if is_valid(r) and last[r.email] == r.line}
+        seen |= new  # the users this chunk creates
         marks = [email in present for email in new]
         marks += [r.line in rejected for r in part if not is_valid(r)]
         assert all(marks) or not any(marks), f"chunk {start // chunk} is half-written"
@@ -86,7 +87,7 @@ def test_demo_on_a_configured_database_then_again(db_url: str) -> None:
     }
     assert re.search(rf"rejected +{invalid} rows", first.stdout)
     assert re.search(rf"users +{users} in the table", first.stdout)
-    assert "upsert: 3000 rows in" in first.stdout  # plain progress lines: not a terminal
+    assert "merge: 3000 rows in" in first.stdout  # plain progress lines: not a terminal
 
     # Idempotent, and DATABASE_URL names a database as well as --url does.
     again = run_dbkit("demo", "--rows", "3000", env={"DATABASE_URL": db_url})
@@ -211,15 +212,15 @@ def start_demo(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     )
 
 
-def interrupt_during_upsert(
+def interrupt_during_merge(
     process: subprocess.Popen[str], sig: int, after_rows: int = 0
 ) -> tuple[str, str]:
-    """Send ``sig`` once the upsert phase reports ``after_rows`` done; the output."""
+    """Send ``sig`` once the merge phase reports ``after_rows`` done; the output."""
     assert process.stdout is not None
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if line.startswith("upsert: ") and int(line.split()[1].split("/")[0]) >= after_rows:
+        if line.startswith("merge: ") and int(line.split()[1].split("/")[0]) >= after_rows:
             process.send_signal(sig)
             break
     out, err = process.communicate(timeout=120)
@@ -230,12 +231,26 @@ def test_demo_interrupted_half_way_keeps_whole_chunks_and_completes_when_rerun(
     db_url: str,
 ) -> None:
     rows, chunk = 40_000, 2_000
-    process = start_demo("--url", migrated(db_url), "--rows", str(rows), "--chunk-size", "2000")
-    out, err = interrupt_during_upsert(process, signal.SIGINT, after_rows=8_000)
+    url = migrated(db_url)
+    # Each chunk's statement takes a quarter of a second more, so that the interruption
+    # lands half-way on any machine: the merge itself is too fast to aim at.
+    with psycopg.connect(plain(db_url), autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION slow_chunk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM pg_sleep(0.25); RETURN NULL; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER slow_chunk AFTER INSERT ON users FOR EACH STATEMENT "
+            "EXECUTE FUNCTION slow_chunk()"
+        )
+    process = start_demo("--url", url, "--rows", str(rows), "--chunk-size", "2000")
+    out, err = interrupt_during_merge(process, signal.SIGINT, after_rows=8_000)
     assert process.returncode == 130, out + err
     assert one_line(err) == "dbkit demo: interrupted"
     done = committed_chunks(db_url, rows, chunk)
     assert 4 <= done < rows // chunk, f"{done} chunks: not interrupted half-way"
+    with psycopg.connect(plain(db_url), autocommit=True) as conn:
+        conn.execute("DROP TRIGGER slow_chunk ON users")
 
     again = run_dbkit("demo", "--url", db_url, "--rows", str(rows), "--chunk-size", "2000")
     assert again.returncode == 0, again.stderr
@@ -252,7 +267,7 @@ def test_demo_interrupted_half_way_keeps_whole_chunks_and_completes_when_rerun(
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_demo_stops_its_throwaway_server(tmp_path: Path, sig: int, code: int) -> None:
     process = start_demo("--rows", "100000", cwd=tmp_path)
-    out, err = interrupt_during_upsert(process, sig)
+    out, err = interrupt_during_merge(process, sig)
     assert process.returncode == code, out + err
     assert one_line(err) in ("dbkit demo: interrupted", "dbkit demo: terminated")
     assert_stopped_and_removed(*throwaway_server(out))

@@ -46,9 +46,9 @@ def test_each_bad_record_is_rejected_alone_with_its_reason(migrated: Database) -
     records[20].email = "u1@example.com"  # repeats line 1: an update, not an error
     assert demo.load_staging(migrated, records) == 40
 
-    upserted, rejected = demo.upsert_staged(migrated, chunk_size=16, batch_size=8)
+    result = demo.merge_staged(migrated, chunk_size=16)
 
-    assert rejected == 3
+    assert result.rejected == 3
     rejects = migrated.execute(
         sa.text("SELECT line, email, reason FROM import_rejects ORDER BY line")
     )
@@ -59,7 +59,9 @@ def test_each_bad_record_is_rejected_alone_with_its_reason(migrated: Database) -
     ]
     emails = {r.email for r in records if is_valid(r)}
     assert set(column(migrated, "SELECT email FROM users")) == emails
-    assert upserted == 37  # every good record written once (line 21 updates line 1's user)
+    # Every good record written once; line 21 repeats line 1's email, so line 1's record
+    # is superseded by it (the last record of a key counts).
+    assert (result.inserted, result.superseded, result.updated) == (36, 1, 0)
     assert column(migrated, "SELECT name FROM users WHERE email = 'u1@example.com'") == ["ok"]
 
 
@@ -73,7 +75,9 @@ def test_rerunning_changes_nothing_but_the_health_history(migrated: Database) ->
     assert column(migrated, "SELECT line FROM import_rejects ORDER BY line") == rejects
     assert (first.users, first.rejected) == (again.users, again.rejected) == (len(users), 3)
     assert column(migrated, "SELECT count(*) FROM health_checks") == [2]
-    assert [p.name for p in again.phases] == ["load", "upsert", "report"]
+    assert [p.name for p in again.phases] == ["load", "merge", "report"]
+    assert (again.merge.inserted, again.merge.updated) == (0, 0)  # nothing rewritten
+    assert again.merge.unchanged == len(users)
     assert "load: 2500 rows in" in out.getvalue()  # plain lines: StringIO is no terminal
 
 
