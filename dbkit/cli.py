@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
         "--local", action="store_true", help="check a throwaway local PostgreSQL (dbkit.local)"
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument(
+        "--instances",
+        type=_count,
+        metavar="N",
+        help=(
+            "also check the connection budget of N processes like this one: N x "
+            "max_open_conns against the server's max_connections less its reserved slots "
+            "(exit 1 when they would exhaust it)"
+        ),
+    )
     check.set_defaults(handler=_check)
 
     config = commands.add_parser(
@@ -355,10 +365,15 @@ def _security_warnings(db: Database, env: str) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from dbkit.budget import ConnectionBudget, connection_budget
+
+    budget: ConnectionBudget | None = None
     with _target(args) as (config, env), Database(config) as db:
         health = db.health()
         version = db.scalar("SHOW server_version")
         warnings = _security_warnings(db, env)
+        if args.instances is not None:
+            budget = connection_budget(db, args.instances)
         report: dict[str, Any] = {
             "database": config.safe_dsn(),
             "environment": env,
@@ -370,6 +385,8 @@ def _check(args: argparse.Namespace) -> int:
         }
         if health.error:
             report["health"]["error"] = health.error
+        if budget is not None:
+            report["connections"] = budget.as_dict()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -380,8 +397,16 @@ def _check(args: argparse.Namespace) -> int:
         print("pool")
         for key, value in report["pool"].items():
             print(f"  {key:22} {value}")
+        if budget is not None:
+            print(f"connections     {budget.fleet_arithmetic()}")
+            print(f"server slots    {budget.server_arithmetic()}")
+            print(f"budget          {budget.verdict()}")
         for warning in warnings:
             print(f"WARNING: {warning}")
+    problem = None if budget is None else budget.problem()
+    if problem is not None:
+        sys.stdout.flush()
+        raise CommandFailed(problem)
     return EXIT_OK if health.ok else EXIT_FAILED
 
 

@@ -42,7 +42,16 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("connection", {"dbkit.connection"}),
     ("transaction", {"dbkit.transaction"}),
     ("database", {"dbkit.database", "dbkit.locks"}),
-    ("repository", {"dbkit.repository", "dbkit.repositories", "dbkit.otel", "dbkit.prometheus"}),
+    (
+        "repository",
+        {
+            "dbkit.repository",
+            "dbkit.repositories",
+            "dbkit.otel",
+            "dbkit.prometheus",
+            "dbkit.budget",
+        },
+    ),
     (
         "apps",
         {

@@ -82,6 +82,92 @@ def test_check_does_not_warn_about_sslmode_outside_production(make_server: Any) 
     assert json.loads(result.stdout)["warnings"] == []
 
 
+# ------------------------------------------------------------ check --instances (budget)
+
+
+def server_slots(db_url: str) -> tuple[int, int]:
+    """(max_connections, the slots left to applications) of the test server, read from it."""
+    with psycopg.connect(db_url.replace("+psycopg", "")) as conn:
+        row = conn.execute(
+            "SELECT current_setting('max_connections')::int, "
+            "current_setting('superuser_reserved_connections')::int, "
+            "coalesce(current_setting('reserved_connections', true)::int, 0)"
+        ).fetchone()
+    assert row is not None
+    return row[0], row[0] - row[1] - row[2]
+
+
+def pool_env(max_open: int) -> dict[str, str]:
+    return {
+        "DBKIT_DATABASE__POSTGRES__MAX_OPEN_CONNS": str(max_open),
+        "DBKIT_DATABASE__POSTGRES__MAX_IDLE_CONNS": str(min(max_open, 1)),
+    }
+
+
+def test_check_instances_that_fit_the_server(db_url: str) -> None:
+    max_connections, available = server_slots(db_url)
+    assert available < max_connections  # the reserved slots are taken off
+    result = run_dbkit("check", "--url", db_url, "--instances", "3", env=pool_env(10))
+    assert result.returncode == 0, result.stderr
+    assert "connections     3 instances x 10 (max_open_conns: primary 10) = 30" in result.stdout
+    assert f"server slots    max_connections {max_connections} - " in result.stdout
+    assert f"= {available}" in result.stdout
+    assert f"budget          ok: 30 of {available} slots, {available - 30} to spare" in (
+        result.stdout
+    )
+    # Without --instances, no budget.
+    plain_check = run_dbkit("check", "--url", db_url, env=pool_env(10))
+    assert plain_check.returncode == 0 and "budget" not in plain_check.stdout
+
+
+def test_check_instances_that_would_exhaust_the_server(db_url: str) -> None:
+    _, available = server_slots(db_url)
+    # One slot each: exactly the server's slots fit, one more instance does not.
+    exact = run_dbkit("check", "--url", db_url, "--instances", str(available), env=pool_env(1))
+    assert exact.returncode == 0, exact.stderr
+    assert f"ok: {available} of {available} slots, 0 to spare" in exact.stdout
+
+    over = run_dbkit("check", "--url", db_url, "--instances", str(available + 1), env=pool_env(1))
+    assert over.returncode == 1
+    assert f"EXCEEDED: {available + 1} > {available} slots, 1 short" in over.stdout
+    reason = one_line(over.stderr)
+    assert reason.startswith(f"dbkit check: {available + 1} instances x 1 ")
+    assert f"would exhaust the server's {available} slots" in reason
+    assert f"run at most {available} instance(s)" in reason
+
+    per = available // 4 + 1  # 4 instances of it are just too many
+    many = run_dbkit("check", "--url", db_url, "--instances", "4", "--json", env=pool_env(per))
+    assert many.returncode == 1
+    report = json.loads(many.stdout)["connections"]
+    assert report == {
+        "instances": 4,
+        "pools": {"primary": per},
+        "per_instance": per,
+        "needed": 4 * per,
+        "max_connections": server_slots(db_url)[0],
+        "superuser_reserved_connections": report["superuser_reserved_connections"],
+        "reserved_connections": report["reserved_connections"],
+        "available": available,
+        "fits": False,
+    }
+    assert f"set max_open_conns to at most {available // 4} for 4" in one_line(many.stderr)
+
+
+def test_check_instances_with_unlimited_pools_fails(db_url: str) -> None:
+    env = {"DBKIT_DATABASE__POSTGRES__MAX_OPEN_CONNS": "0"}
+    result = run_dbkit("check", "--url", db_url, "--instances", "2", env=env)
+    assert result.returncode == 1
+    assert "2 instances x unlimited" in result.stdout
+    assert "max_open_conns = 0 (unlimited)" in one_line(result.stderr)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_check_instances_must_be_a_positive_count(value: str) -> None:
+    result = run_dbkit("check", "--instances", value)
+    assert result.returncode == 2
+    assert "--instances" in result.stderr
+
+
 # ------------------------------------------------------------------------------ config
 
 
