@@ -366,6 +366,77 @@ def test_inside_a_transaction_chunks_are_savepoints_of_it(schema: Database) -> N
     assert table(db) == {} and rejects(db) == {}
 
 
+versioned = sa.Table(
+    "versioned",
+    metadata,
+    sa.Column("region", sa.Text, primary_key=True),
+    sa.Column("code", sa.Integer, primary_key=True),
+    sa.Column("label", sa.Text),
+    sa.Column("parent_code", sa.Integer),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("deleted_at", sa.DateTime(timezone=True)),
+    sa.ForeignKeyConstraint(["region", "parent_code"], ["versioned.region", "versioned.code"]),
+)
+staged_versioned = sa.Table(
+    "staged_versioned",
+    metadata,
+    sa.Column("n", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("region", sa.Text),
+    sa.Column("code", sa.Integer),  # already typed: no cast, no probe
+    sa.Column("label", sa.Text),
+    sa.Column("parent_code", sa.Integer),
+)
+
+
+class Versioned(Repository[dict[str, Any]]):
+    table = versioned
+    version_column = "version"
+    soft_delete_column = "deleted_at"
+
+
+def test_hooks_composite_keys_and_references_to_the_table_itself(schema: Database) -> None:
+    """A composite primary key as conflict key, the version hook (1 on insert, +1 only
+    when a row really changes), a soft-deleted row brought back, and a foreign key to the
+    table itself met by a parent in the same chunk."""
+    db = schema
+    repo = Versioned(db)
+    db.execute(
+        sa.insert(staged_versioned),
+        [
+            {"n": 1, "region": "eu", "code": 1, "label": "root", "parent_code": None},
+            {"n": 2, "region": "eu", "code": 2, "label": "child", "parent_code": 1},
+            {"n": 3, "region": "us", "code": 1, "label": "other", "parent_code": None},
+            {"n": 4, "region": "us", "code": 2, "label": "orphan", "parent_code": 9},
+        ],
+    )
+    first = repo.merge_from_staging(staged_versioned, order_by="n", rejects=None)
+    assert (first.inserted, first.rejected_rows) == (
+        3,
+        [(4, "violates versioned_region_parent_code_fkey")],
+    )
+    assert first.isolated == 1  # the self-reference is left to the server: bisected
+
+    db.execute(sa.text("UPDATE staged_versioned SET label = 'renamed' WHERE n = 3"))
+    repo.delete(("eu", 2))  # soft delete
+    second = repo.merge_from_staging(staged_versioned, order_by="n", rejects=None)
+    assert (second.inserted, second.updated, second.unchanged) == (0, 2, 1)
+    rows = db.execute(
+        sa.text(
+            "SELECT region, code, label, version, deleted_at IS NULL FROM versioned ORDER BY 1, 2"
+        )
+    ).all()
+    assert [tuple(r) for r in rows] == [
+        ("eu", 1, "root", 1, True),
+        ("eu", 2, "child", 3, True),  # brought back (the soft delete was version 2)
+        ("us", 1, "renamed", 2, True),
+    ]
+
+
+def test_an_empty_staging_table_merges_nothing(schema: Database) -> None:
+    result = merge(schema)
+    assert (result.chunks, result.merged, result.rejected) == (0, 0, 0)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -351,7 +351,9 @@ class MergePlan:
             present = " AND ".join(f"typed.{_ident(n)} IS NOT NULL" for n in cols)
             if c.kind == "c" and c.expression:
                 rules.append(f"WHEN ({_pct(c.expression)}) IS FALSE THEN {why}")
-            elif c.kind == "f" and c.references:
+            elif c.kind == "f" and c.references and c.references != target.name:
+                # (A reference to the table itself may be met by a row of the same
+                # statement, which only the server can see: left to it.)
                 match = " AND ".join(
                     f"p.{_ident(r)} = typed.{_ident(n)}"
                     for n, r in zip(cols, c.referenced_columns, strict=True)
