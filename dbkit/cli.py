@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbkit.database import Database
-from dbkit.errors import ConfigError, DbkitError
+from dbkit.errors import ConfigError, DbkitError, LockNotAvailable
 from dbkit.settings import (
     CONFIG_DIR_VAR,
     PostgresConfig,
@@ -48,6 +48,11 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
+
+
+# The advisory lock `dbkit demo` holds while it runs: one demo at a time per database (its
+# load TRUNCATEs users_staging, which a second run would pull from under the first).
+DEMO_LOCK = "dbkit.demo"
 
 
 class CommandFailed(DbkitError):
@@ -537,7 +542,15 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         records, total = demo.generate(args.rows), args.rows
         source = f"{args.rows} generated records"
-    with _demo_database(args) as db:
+    with _demo_database(args) as db, contextlib.ExitStack() as held:
+        try:  # before anything is written
+            held.enter_context(db.advisory_lock(DEMO_LOCK, wait=False))
+        except LockNotAvailable as error:
+            holder = "pid unknown" if error.holder_pid is None else f"pid {error.holder_pid}"
+            raise CommandFailed(
+                f"another dbkit demo is running against {db.config.safe_dsn()} ({holder}); "
+                "not starting"
+            ) from error
         print(f"source      {source}", flush=True)
         result = demo.run(
             db,

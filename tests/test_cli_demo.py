@@ -16,7 +16,9 @@ import pytest
 from cli_helpers import one_line, run_dbkit
 from users_project import make_users_project, users_migrations_ran
 
+import dbkit
 from dbkit import demo
+from dbkit.cli import DEMO_LOCK
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -271,3 +273,26 @@ def test_interrupted_demo_stops_its_throwaway_server(tmp_path: Path, sig: int, c
     assert process.returncode == code, out + err
     assert one_line(err) in ("dbkit demo: interrupted", "dbkit demo: terminated")
     assert_stopped_and_removed(*throwaway_server(out))
+
+
+def test_a_second_demo_against_the_same_database_does_not_start(db_url: str) -> None:
+    migrated(db_url)
+    first = run_dbkit("demo", "--url", db_url, "--rows", "300")
+    assert first.returncode == 0, first.stderr
+    before = counts(db_url)
+    assert before["users_staging"] == 300
+    # A demo running: it holds the demo's advisory lock on its session.
+    with psycopg.connect(plain(db_url), autocommit=True, application_name="first-demo") as demo_:
+        demo_.execute("SELECT pg_advisory_lock(%s)", (dbkit.advisory_key(DEMO_LOCK),))
+        second = run_dbkit("demo", "--url", db_url, "--rows", "500")
+        pid = demo_.info.backend_pid
+    assert second.returncode == 1
+    assert one_line(second.stderr) == (
+        f"dbkit demo: another dbkit demo is running against {plain(db_url)} (pid {pid}); "
+        "not starting"
+    )
+    assert counts(db_url) == before  # nothing written: staging not even truncated
+    # The lock was all that stopped it.
+    third = run_dbkit("demo", "--url", db_url, "--rows", "500")
+    assert third.returncode == 0, third.stderr
+    assert counts(db_url)["users_staging"] == 500
