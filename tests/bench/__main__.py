@@ -20,7 +20,14 @@ import psycopg
 
 from dbkit.local import LocalPostgres
 
-from . import bench_inserts, bench_stream, bench_threads, bench_transactions, bench_upserts
+from . import (
+    bench_inserts,
+    bench_merge,
+    bench_stream,
+    bench_threads,
+    bench_transactions,
+    bench_upserts,
+)
 from .context import FULL, QUICK, Context, libpq_url
 from .harness import Workload, judge, measure
 from .report import Outcome, machine_info, print_outcome, write_json
@@ -33,6 +40,7 @@ WORKLOADS: dict[str, Callable[[Context], Workload]] = {
     "savepoint": bench_transactions.savepoint,
     "insert": bench_inserts.insert,
     "upsert": bench_upserts.upsert,
+    "merge": bench_merge.merge,
     "stream": bench_stream.streaming,
     "threads": bench_threads.threaded,
 }

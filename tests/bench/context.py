@@ -35,6 +35,7 @@ class Sizes:
     insert_rows: int
     upsert_rows: int
     dataset_upsert_rows: int  # dataset upserts row by row: measured on fewer rows
+    merge_rows: int  # staged records merged into a users table (0.15% of them refused)
     stream_rows: int
     dataset_stream_rows: int  # dataset streams at a fifth of the others' rate
     threads: int
@@ -48,6 +49,7 @@ FULL = Sizes(
     insert_rows=100_000,
     upsert_rows=100_000,
     dataset_upsert_rows=2_000,
+    merge_rows=100_000,
     stream_rows=1_000_000,
     dataset_stream_rows=200_000,
     threads=32,
@@ -60,6 +62,7 @@ QUICK = Sizes(
     insert_rows=10_000,
     upsert_rows=10_000,
     dataset_upsert_rows=500,
+    merge_rows=10_000,
     stream_rows=100_000,
     dataset_stream_rows=20_000,
     threads=32,

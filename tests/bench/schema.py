@@ -51,6 +51,55 @@ stream = _people("bench_stream", unique_email=False)
 
 PEOPLE_COLUMNS = ("email", "name", "score")
 
+# The merge: the demo's users / users_staging / import_rejects (``dbkit.schema``), same
+# columns and rules under bench names.  Staging is what a COPY of the input leaves: all
+# text, the input line as key, UNLOGGED scratch space.
+EMAIL_HAS_AT = "ck_bench_users_email_has_at"
+users = sa.Table(
+    "bench_users",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("email", sa.Text, nullable=False),
+    sa.Column("name", sa.Text),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.UniqueConstraint("email", name="uq_bench_users_email"),
+    sa.CheckConstraint("strpos(email, '@') > 0", name=EMAIL_HAS_AT),
+)
+
+
+def _staging(name: str) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.BigInteger),
+        sa.Column("email", sa.Text),
+        sa.Column("name", sa.Text),
+        sa.Column("line", sa.Integer, primary_key=True, autoincrement=False),
+        prefixes=["UNLOGGED"],
+    )
+
+
+users_staging = _staging("bench_users_staging")
+# A small staging table for the contenders' warm-up merges.
+users_staging_warmup = _staging("bench_users_staging_warmup")
+import_rejects = sa.Table(
+    "bench_import_rejects",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("line", sa.Integer, nullable=False),
+    sa.Column("email", sa.Text),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column(
+        "rejected_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+STAGING_COLUMNS = ("line", "email", "name")
+
 
 def person(i: int, name: str = "old") -> tuple[str, str, int]:
     return (f"user{i}@example.com", name, i)
@@ -100,7 +149,14 @@ def seed_stream(url: str, rows: int) -> None:
 
 
 def copy_people(conn: psycopg.Connection[Any], table: str, rows: Iterable[Any]) -> None:
-    with conn.cursor() as cur, cur.copy(f"COPY {table} (email, name, score) FROM STDIN") as cp:
+    copy_rows(conn, table, PEOPLE_COLUMNS, rows)
+
+
+def copy_rows(
+    conn: psycopg.Connection[Any], table: str, columns: Iterable[str], rows: Iterable[Any]
+) -> None:
+    names = ", ".join(columns)
+    with conn.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN") as cp:
         for row in rows:
             cp.write_row(row)
 
