@@ -8,6 +8,10 @@ A throwaway cluster runs without fsync (its data dies with it); a kept one is du
 PostgreSQL refuses to run as root, and CI often runs as root, so as root the server runs as
 an unprivileged user (``postgres``, else ``nobody``).  Only the directories created here are
 handed to that user; permissions of parent directories are never loosened.
+
+Every cluster made here can be the primary of streaming replicas: ``start_replica()`` makes a
+hot standby with ``pg_basebackup -R`` (its own port and directory), ``promote()`` turns a
+standby into a primary.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -68,6 +74,22 @@ _THROWAWAY_SETTINGS: Final = {
     "synchronous_commit": "off",
     "full_page_writes": "off",
 }
+# Appended to postgresql.conf by initdb here, so that every cluster can be the primary of
+# start_replica() (PostgreSQL's defaults since 10, spelled out; a replica copies the file).
+_REPLICATION_CONF: Final = {
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "hot_standby": "on",
+}
+# A kept cluster's replicas live next to its data dir: "<data dir>-replica-<n>", each with
+# this file naming the primary's data dir (so that only our own replicas are ever touched).
+_REPLICA_INFIX: Final = "-replica-"
+_PRIMARY_NAME: Final = "dbkit-primary"
+# Seconds a new replica may take to accept connections and stream, a promoted one to accept
+# writes, a stopped replica's slot to be released: bounds for a loaded machine, not estimates.
+_READY_TIMEOUT: Final = 60.0
+_SLOT_RELEASE_TIMEOUT: Final = 10.0
 
 _INSTALL_HINT: Final = (
     "dbkit needs the PostgreSQL server binaries (initdb, pg_ctl, postgres) to start a local "
@@ -329,6 +351,11 @@ class LocalPostgres:
         self._run_as_arg = run_as
         self._srv_user: pwd.struct_passwd | None = None
         self._temp_dir: Path | None = None  # the mkdtemp we own (temp clusters only)
+        # The server this one was made from by start_replica() (None: made by initdb, or
+        # promoted since), its replication slot there, and the replicas made from this one.
+        self.primary: LocalPostgres | None = None
+        self._slot: str | None = None
+        self._replicas: list[LocalPostgres] = []
 
     # ---------------------------------------------------------------- properties
 
@@ -336,6 +363,20 @@ class LocalPostgres:
     def is_temporary(self) -> bool:
         """True when the cluster lives in a temp dir that ``stop()`` removes."""
         return self._given_data_dir is None
+
+    @property
+    def is_replica(self) -> bool:
+        """True for a standby (its data dir holds ``standby.signal``), or, before its cluster
+        exists, for a server made by ``start_replica()``; false again once promoted."""
+        if self._has_cluster() and (self.data_dir / "PG_VERSION").exists():
+            return (self.data_dir / "standby.signal").exists()
+        return self.primary is not None
+
+    @property
+    def replicas(self) -> list[LocalPostgres]:
+        """The replicas ``start_replica()`` made from this server in this process (a kept
+        cluster's replicas from earlier runs: ``kept_replicas()``)."""
+        return list(self._replicas)
 
     @property
     def port(self) -> int:
@@ -432,16 +473,22 @@ class LocalPostgres:
         )
 
     def _run(
-        self, args: Sequence[str], *, timeout: float, user: pwd.struct_passwd | None
+        self,
+        args: Sequence[str],
+        *,
+        timeout: float,
+        user: pwd.struct_passwd | None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a PostgreSQL program, as ``user`` when given (we are root then)."""
+        """Run a PostgreSQL program, as ``user`` when given (we are root then); ``env`` adds
+        variables (e.g. PGPASSWORD) to the cleaned environment."""
         return subprocess.run(
             list(args),
             capture_output=True,
             text=True,
             timeout=timeout,
             cwd="/",  # the server user may not be able to reach our cwd
-            env=_child_env(),
+            env={**_child_env(), **(env or {})},
             user=user.pw_uid if user else None,
             group=user.pw_gid if user else None,
             # the user's own supplementary groups (e.g. ssl-cert), none of root's
@@ -474,7 +521,10 @@ class LocalPostgres:
             elif not (data / "PG_VERSION").exists():
                 self._chown(data, user)  # an empty dir the user made for us
         if not (self.data_dir / "PG_VERSION").exists():
-            self._initdb(user)
+            if self.primary is not None:
+                self._basebackup(self.primary, user)
+            else:
+                self._initdb(user)
 
     def _initdb(self, user: pwd.struct_passwd | None) -> None:
         base = [
@@ -504,6 +554,11 @@ class LocalPostgres:
                 f"initdb failed for {str(self.data_dir)!r} (exit {result.returncode}):\n"
                 f"{(result.stderr or result.stdout).strip()}"
             )
+        # Ready to be a primary: replication settings and a replication line for 127.0.0.1.
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("\n# dbkit: every local cluster can be the primary of streaming replicas\n")
+            conf.writelines(f"{key} = {value}\n" for key, value in _REPLICATION_CONF.items())
+        self._ensure_replication_hba()
 
     @contextlib.contextmanager
     def _password_file(self, user: pwd.struct_passwd | None) -> Iterator[Path | None]:
@@ -542,7 +597,12 @@ class LocalPostgres:
         return " ".join(shlex.quote(p) for p in parts)
 
     def start(self) -> Self:
-        """Initialise (if needed) and start the server; a no-op when it already runs."""
+        """Initialise (if needed) and start the server; a no-op when it already runs.
+
+        A replica (``start_replica()``) is made by ``pg_basebackup`` instead of initdb (a
+        temporary one again after ``stop()``), and start returns once it accepts
+        connections as a standby that streams from its primary (when that one runs).
+        """
         user = self._server_user()
         if self._given_data_dir is not None and self.is_running():
             # Kept cluster already up (started by an earlier process): adopt its port.
@@ -554,7 +614,10 @@ class LocalPostgres:
         fresh_temp = self.is_temporary and self._temp_dir is None
         try:
             self._prepare(user)
-            return self._start_server(user)
+            self._start_server(user)
+            if self.primary is not None and self.is_replica and self.primary.is_running():
+                self._wait_until_streaming()  # (with its primary down: pg_ctl -w's wait)
+            return self
         except BaseException:
             # Do not leave a half-made throwaway cluster behind (the error carries the log).
             if fresh_temp and not self.is_running():
@@ -564,6 +627,9 @@ class LocalPostgres:
     def _start_server(self, user: pwd.struct_passwd | None) -> Self:
         attempts = 1 if self._port is not None else _PORT_RETRIES
         preferred = self._remembered_port()
+        if self.primary is not None and self.primary.is_running() and self.is_replica:
+            with contextlib.suppress(DbkitError):  # its port unknown: leave the conninfo
+                self._point_at_primary(self.primary.port)
         for attempt in range(1, attempts + 1):
             if self._port is not None:
                 port = self._port
@@ -651,6 +717,11 @@ class LocalPostgres:
 
         Idempotent.  A kept data directory stays on disk for the next ``start()``; after a
         temp cluster, ``start()`` makes a fresh one on the same port.
+
+        Only this server stops: replicas made from it keep running (a failover test stops
+        the primary, then promotes a replica).  Leaving a ``with`` block stops the replicas
+        made in it first, then the primary.  A stopped temporary replica's replication slot
+        is dropped on its primary.
         """
         if mode not in _STOP_MODES:
             raise ValueError(f"stop mode must be one of {sorted(_STOP_MODES)}, not {mode!r}")
@@ -659,6 +730,9 @@ class LocalPostgres:
             self._pg_ctl_stop(mode, self._server_user())
         _LIVE.pop(self, None)
         if self._temp_dir is not None:
+            if self.primary is not None and self._slot is not None:
+                # A fresh replica is made at the next start(): its WAL need not be kept.
+                _drop_slot(self.primary, self._slot, wait=_SLOT_RELEASE_TIMEOUT)
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
             # The port is kept: a later start() makes a fresh cluster at the same URL.
@@ -692,6 +766,8 @@ class LocalPostgres:
         except OSError as error:
             raise DbkitError(f"could not delete {str(data)!r}: {error}") from error
         logger.info("deleted the local PostgreSQL cluster in {}", data)
+        if self.primary is not None and self._slot is not None:
+            _drop_slot(self.primary, self._slot, wait=_SLOT_RELEASE_TIMEOUT)
 
     def kill(self) -> None:
         """Stop at once, as a crash would (no checkpoint); data stays for a ``start()``."""
@@ -755,7 +831,317 @@ class LocalPostgres:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        # Replicas first (the last made first), then the primary; each is stopped even when
+        # another's stop fails.
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.stop)
+            for replica in self._replicas:
+                stack.callback(replica.stop)
+
+    # ---------------------------------------------------------------- replicas
+
+    def start_replica(
+        self,
+        *,
+        port: int | None = None,
+        settings: Mapping[str, str | int | float | bool] | None = None,
+    ) -> LocalPostgres:
+        """Make and start a streaming hot standby of this running server; return it.
+
+        ``pg_basebackup -R -X stream`` (as the server user when we are root) copies the
+        cluster over a replication connection to 127.0.0.1 and a physical replication slot
+        keeps the WAL the replica has not received yet.  The replica listens on its own
+        free port (or ``port``) with this server's ``settings`` plus ``hot_standby = on``
+        and ``settings``; it returns once it accepts connections, ``pg_is_in_recovery()``
+        and its WAL receiver streams.
+
+        Its directory: for a temporary server a sibling temp directory, deleted by the
+        replica's ``stop()`` (a later ``start()`` makes a fresh replica); for a kept one,
+        ``<data dir>-replica-<n>`` next to it, kept like the primary's (``kept_replicas()``
+        finds them again).  ``stop()`` of the primary leaves its replicas running; leaving
+        the primary's ``with`` block stops them first.
+        """
+        if not self.is_running():
+            raise DbkitError("start_replica() needs a running server: call start() first")
+        if self._port is None:
+            self._adopt_running()
+        self._check_can_stream()
+        data_dir: Path | None = None
+        slot = f"dbkit_replica_{uuid.uuid4().hex[:12]}"
+        if not self.is_temporary:
+            number = 1
+            while self._replica_dir(number).exists() or self._replica_dir(number).is_symlink():
+                number += 1
+            data_dir, slot = self._replica_dir(number), f"dbkit_replica_{number}"
+        replica = self._replica_at(data_dir, slot, port=port, settings=settings)
+        logger.debug("making a replica of {} in {}", self.data_dir, data_dir or "a temp dir")
+        try:
+            replica.start()
+        except BaseException:
+            if data_dir is not None and not replica.is_running():
+                # Ours and half made (pg_basebackup empties it on failure): not a replica.
+                if not (data_dir / "PG_VERSION").exists():
+                    shutil.rmtree(data_dir, ignore_errors=True)
+                _drop_slot(self, slot)
+            raise
+        self._replicas.append(replica)
+        return replica
+
+    def kept_replicas(self) -> dict[int, LocalPostgres]:
+        """A kept cluster's replicas made by ``start_replica()`` (in this or an earlier
+        run), by number: ``<data dir>-replica-<n>`` holding a ``dbkit-primary`` file that
+        names this data dir.  Running ones know their port; ``start()`` starts the others
+        (as standbys of this server, pointed at its current port).  Empty for a temporary
+        server (see ``replicas``)."""
+        if self._given_data_dir is None:
+            return {}
+        base = self._given_data_dir
+        if self._port is None and self.is_running():
+            self._adopt_running()  # the replicas follow its current port
+        pattern = re.compile(re.escape(base.name + _REPLICA_INFIX) + r"([1-9]\d*)")
+        found: dict[int, LocalPostgres] = {}
+        for path in base.parent.glob(glob.escape(base.name + _REPLICA_INFIX) + "*"):
+            match = pattern.fullmatch(path.name)
+            if match is None or path.is_symlink() or not path.is_dir():
+                continue
+            try:
+                if (path / _PRIMARY_NAME).read_text().strip() != str(base):
+                    continue
+            except OSError:
+                continue
+            number = int(match.group(1))
+            found[number] = self._replica_at(path, f"dbkit_replica_{number}")
+        return dict(sorted(found.items()))
+
+    def promote(self) -> Self:
+        """Make this standby a primary (``pg_ctl promote -w``); returns once it accepts
+        writes.  Its slot on the old primary is dropped when that one still runs."""
+        if not self.is_running():
+            raise DbkitError(f"cannot promote {self!r}: it is not running")
+        if not self.is_replica:
+            raise DbkitError(f"cannot promote {self!r}: it is not a standby")
+        result = self._run(
+            [str(self.bindir / "pg_ctl"), "promote", "-D", str(self.data_dir), "-w", "-t", "60"],
+            timeout=90,
+            user=self._server_user(),
+        )
+        if result.returncode != 0:
+            raise DbkitError(
+                f"pg_ctl promote failed for {str(self.data_dir)!r} (exit {result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()}\n"
+                f"--- server log ({self.log_file}) ---\n{_tail(self.log_file)}"
+            )
+        self._wait_for(lambda in_recovery, _: not in_recovery, "accept writes")
+        old, self.primary = self.primary, None
+        if old is not None and self._slot is not None:
+            _drop_slot(old, self._slot, wait=_SLOT_RELEASE_TIMEOUT)
+        self._slot = None
+        logger.info("promoted {} to primary", self.url)
+        return self
+
+    def _replica_dir(self, number: int) -> Path:
+        base = self.data_dir
+        return base.with_name(f"{base.name}{_REPLICA_INFIX}{number}")
+
+    def _replica_at(
+        self,
+        data_dir: Path | None,
+        slot: str,
+        *,
+        port: int | None = None,
+        settings: Mapping[str, str | int | float | bool] | None = None,
+    ) -> LocalPostgres:
+        """A LocalPostgres for a replica of this server in ``data_dir`` (None: temporary)
+        with replication slot ``slot``; its port known when it runs."""
+        user = self._server_user()
+        existing = data_dir is not None and (data_dir / "PG_VERSION").exists()
+        # A hot standby needs max_connections etc. at least as high as its primary's: it
+        # inherits the primary's command-line settings (postgresql.conf comes with the copy).
+        replica = LocalPostgres(
+            data_dir,
+            port=port,
+            bindir=self.bindir,
+            dbname=self.dbname,
+            user=self.user,
+            settings={**self.settings, "hot_standby": "on", **(settings or {})},
+            # A new replica runs as this server's user, an existing kept one as its owner.
+            run_as=user.pw_name if user is not None and not existing else None,
+            password=self.password,
+        )
+        replica.primary = self
+        replica._slot = slot
+        if replica.is_running():
+            replica._adopt_running()
+        return replica
+
+    def _check_can_stream(self) -> None:
+        """Refuse clearly when this server cannot feed a replica; add the pg_hba.conf line
+        for replication from 127.0.0.1 when missing (and reload)."""
+        with self.admin_connection() as conn:
+            row = conn.execute(
+                "SELECT current_setting('wal_level'), current_setting('max_wal_senders')::int,"
+                " current_setting('max_replication_slots')::int"
+            ).fetchone()
+            assert row is not None
+            wal_level, senders, slots = row
+            problems = []
+            if wal_level not in ("replica", "logical"):
+                problems.append(f"wal_level = {wal_level} (needs replica)")
+            if senders < 1:
+                problems.append("max_wal_senders = 0")
+            if slots < 1:
+                problems.append("max_replication_slots = 0")
+            if problems:
+                raise DbkitError(
+                    f"{self.url} cannot feed a streaming replica: {', '.join(problems)}; "
+                    "change it (settings=) and restart"
+                )
+            if not self._ensure_replication_hba():
+                return
+            conn.execute("SELECT pg_reload_conf()")
+        # The server reloads pg_hba.conf on its own time: until a replication connection is
+        # let in (one that pg_basebackup's would be), bounded.
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while True:
+            try:
+                psycopg.connect(
+                    host=self.host,
+                    port=self.port,
+                    user=self.user,
+                    password=self.password,
+                    dbname=self.maintenance_dbname,
+                    replication="true",
+                    autocommit=True,
+                    connect_timeout=5,
+                ).close()
+                return
+            except psycopg.OperationalError as error:
+                if time.monotonic() > deadline:
+                    raise DbkitError(
+                        f"{self.url} does not accept replication connections: {error}"
+                    ) from error
+            time.sleep(0.05)
+
+    def _ensure_replication_hba(self) -> bool:
+        """Append a ``host replication`` line for 127.0.0.1 to pg_hba.conf unless one is
+        there (initdb writes one); True when it was added."""
+        hba = self.data_dir / "pg_hba.conf"
+        text = hba.read_text()
+        line = re.compile(r"^\s*host\s+replication\s+\S+\s+127\.0\.0\.1(?:/32)?\s", re.MULTILINE)
+        if line.search(text):
+            return False
+        method = "trust" if self.password is None else "scram-sha-256"
+        with hba.open("a") as fh:
+            fh.write(
+                f"{'' if text.endswith(chr(10)) else chr(10)}"
+                f"# dbkit: streaming replicas (start_replica)\n"
+                f"host    replication     all             127.0.0.1/32            {method}\n"
+            )
+        return True
+
+    def _basebackup(self, primary: LocalPostgres, user: pwd.struct_passwd | None) -> None:
+        """Make this replica's cluster: ``pg_basebackup -R`` from the running ``primary``."""
+        if not primary.is_running():
+            raise DbkitError(f"cannot make a replica: its primary {primary!r} is not running")
+        basebackup = self.bindir / "pg_basebackup"
+        if not basebackup.is_file():
+            raise PostgresBinariesNotFound(f"no pg_basebackup in {str(self.bindir)!r}.")
+        if self._slot is None:
+            self._slot = f"dbkit_replica_{uuid.uuid4().hex[:12]}"
+        # A slot of that name is a gone replica's (its directory is not there any more).
+        _drop_slot(primary, self._slot)
+        args = [
+            str(basebackup),
+            "-D",
+            str(self.data_dir),
+            "-R",  # standby.signal + primary_conninfo (and the slot) in postgresql.auto.conf
+            "-X",
+            "stream",
+            "--checkpoint=fast",
+            "-C",
+            "-S",
+            self._slot,
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            primary.user,
+            "-w",
+        ]
+        if self.is_temporary:
+            args.append("--no-sync")
+        env = {"PGPASSWORD": primary.password} if primary.password is not None else None
+        logger.debug("pg_basebackup of {} into {}", primary.url, self.data_dir)
+        result = self._run(args, timeout=600, user=user, env=env)
+        if result.returncode != 0:
+            raise DbkitError(
+                f"pg_basebackup from {primary.host}:{primary.port} into {str(self.data_dir)!r} "
+                f"failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}"
+            )
+        # A kept primary keeps its log, port and socket lock in its data dir: not ours.
+        for name in (_LOG_NAME, _PORT_NAME, _PRIMARY_NAME):
+            (self.data_dir / name).unlink(missing_ok=True)
+        for lock in self.data_dir.glob(".s.PGSQL.*"):
+            lock.unlink(missing_ok=True)
+        if not self.is_temporary:
+            marker = self.data_dir / _PRIMARY_NAME
+            marker.write_text(f"{primary.data_dir}\n")
+            self._chown(marker, user)
+
+    def _point_at_primary(self, port: int) -> None:
+        """Rewrite the port in primary_conninfo (a kept primary may have had to move)."""
+        auto = self.data_dir / "postgresql.auto.conf"
+        try:
+            text = auto.read_text()
+        except OSError:
+            return
+        fixed = re.sub(
+            r"^(primary_conninfo\s*=\s*'.*?\bport=)\d+",
+            lambda m: f"{m.group(1)}{port}",
+            text,
+            flags=re.MULTILINE,
+        )
+        if fixed != text:
+            logger.debug("replica {} now follows port {}", self.data_dir, port)
+            auto.write_text(fixed)  # the file keeps its owner and mode
+
+    def _wait_for(self, ready: Callable[[bool, str | None], bool], what: str) -> None:
+        """Poll ``pg_is_in_recovery()`` and the WAL receiver's status until ``ready(...)``."""
+        deadline = time.monotonic() + _READY_TIMEOUT
+        last: object = None
+        while True:
+            if not self.is_running():
+                raise DbkitError(
+                    f"PostgreSQL in {str(self.data_dir)!r} stopped while waiting for it to "
+                    f"{what}\n--- server log ({self.log_file}) ---\n{_tail(self.log_file)}"
+                )
+            try:
+                with admin_connection(
+                    self.url_for(self.maintenance_dbname), connect_timeout=5
+                ) as c:
+                    row = c.execute(
+                        "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver)"
+                    ).fetchone()
+                assert row is not None
+                last = row
+                if ready(row[0], row[1]):
+                    return
+            except psycopg.OperationalError as error:
+                last = error
+            if time.monotonic() > deadline:
+                raise DbkitError(
+                    f"PostgreSQL in {str(self.data_dir)!r} did not {what} within "
+                    f"{_READY_TIMEOUT:.0f} s (last: {last})\n"
+                    f"--- server log ({self.log_file}) ---\n{_tail(self.log_file)}"
+                )
+            time.sleep(0.05)
+
+    def _wait_until_streaming(self) -> None:
+        self._wait_for(
+            lambda in_recovery, receiver: in_recovery and receiver == "streaming",
+            "stream as a standby",
+        )
 
     # ---------------------------------------------------------------- conveniences
 
@@ -818,3 +1204,30 @@ def _temp_base(user: pwd.struct_passwd | None) -> str | None:
         f"user {user.pw_name!r} cannot reach the temp directory {default!r}; set TMPDIR to a "
         "directory it can traverse"
     )
+
+
+def _drop_slot(server: LocalPostgres, name: str, wait: float = 0.0) -> bool:
+    """Drop ``server``'s replication slot ``name`` if it exists, waiting up to ``wait``
+    seconds for its replica to let go of it; best effort (False when not dropped)."""
+    if not server.is_running():
+        return False
+    deadline = time.monotonic() + wait
+    try:
+        with server.admin_connection() as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (name,)
+                ).fetchone()
+                if row is None:
+                    return False
+                if not row[0]:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                    logger.debug("dropped replication slot {} on {}", name, server.url)
+                    return True
+                if time.monotonic() > deadline:
+                    logger.debug("replication slot {} on {} is still in use", name, server.url)
+                    return False
+                time.sleep(0.05)
+    except (psycopg.Error, DbkitError) as error:
+        logger.debug("could not drop replication slot {}: {}", name, error)
+        return False

@@ -254,6 +254,30 @@ def test_kept_cluster_is_durable_temp_cluster_is_not(kept_parent: Path, make_ser
         assert query(fast, DURABILITY) == [("on", "off", "on")]
 
 
+def test_every_new_cluster_can_be_a_primary(make_server: Any) -> None:
+    """initdb here readies a cluster for start_replica(): replication settings written into
+    postgresql.conf (a replica copies them) and a replication line for 127.0.0.1."""
+    server = make_server()
+    rows = query(
+        server,
+        "SELECT name, setting, source FROM pg_settings WHERE name IN"
+        " ('wal_level', 'max_wal_senders', 'max_replication_slots', 'hot_standby')"
+        " ORDER BY name",
+    )
+    assert rows == [
+        ("hot_standby", "on", "configuration file"),
+        ("max_replication_slots", "10", "configuration file"),
+        ("max_wal_senders", "10", "configuration file"),
+        ("wal_level", "replica", "configuration file"),
+    ]
+    hba = query(
+        server,
+        "SELECT type, address, auth_method FROM pg_hba_file_rules"
+        " WHERE database = '{replication}' AND type = 'host' AND address = '127.0.0.1'",
+    )
+    assert hba == [("host", "127.0.0.1", "trust")]
+
+
 def test_destroy_stops_and_deletes_a_kept_cluster(kept_parent: Path) -> None:
     data_dir = kept_parent / "doomed"
     server = LocalPostgres(data_dir).start()
