@@ -167,11 +167,16 @@ def _metadata_spec(text: str) -> MetadataSpec:
 
 
 def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``dbkit local start|stop|status|url|destroy``: a kept local PostgreSQL (dbkit.local)."""
+    """``dbkit local start|stop|status|url|destroy``: a kept local PostgreSQL (dbkit.local),
+    with its streaming replicas (``start --replicas N``) in DIR-replica-1, DIR-replica-2 …"""
     from dbkit.local import default_data_dir
 
     local = commands.add_parser(
-        "local", help="a local PostgreSQL from this machine's binaries, data kept between runs"
+        "local",
+        help="a local PostgreSQL from this machine's binaries, data kept between runs",
+        description="A kept local PostgreSQL, optionally with streaming replicas (hot "
+        "standbys) kept next to its data directory as DIR-replica-1, DIR-replica-2 …: "
+        "start starts them with it, stop and destroy handle them too, status lists them.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -185,24 +190,52 @@ def _add_local(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "start", parents=[common], help="initialise (first time) and start; print the URL"
     )
     start.add_argument("--port", type=int, help="TCP port (default: the last one, else free)")
-    actions.add_parser("stop", parents=[common], help="stop the server; the data stays")
+    start.add_argument(
+        "--replicas",
+        type=_replica_count,
+        default=0,
+        metavar="N",
+        help="also run N streaming replicas, made on first use (pg_basebackup) as "
+        "DIR-replica-1 … and started with the server from then on (never fewer than made: "
+        "`destroy` removes them all); stdout stays the primary's URL, the replicas' go to "
+        "stderr and `dbkit local url --replica N|all`",
+    )
+    actions.add_parser(
+        "stop", parents=[common], help="stop the server and its replicas; the data stays"
+    )
     destroy = actions.add_parser(
         "destroy",
         parents=[common],
-        help="stop the server and delete its data directory (asks first; --yes does not)",
+        help="stop the server and delete its data directory and its replicas' (asks first; "
+        "--yes does not)",
     )
     destroy.add_argument(
         "--yes", action="store_true", help="do not ask: delete the cluster and all its data"
     )
     actions.add_parser(
-        "status", parents=[common], help="print whether it runs (exit 3 when it does not)"
+        "status",
+        parents=[common],
+        help="print whether it and each replica run, with their URLs (exit 3 when one does not)",
     )
-    actions.add_parser(
+    url = actions.add_parser(
         "url",
         parents=[common],
         help="print its URL, for DATABASE_URL (exit 1 when it does not run)",
     )
+    url.add_argument(
+        "--replica",
+        metavar="N|all",
+        help="replica N's URL instead; all: every replica's, comma-separated, for "
+        "DBKIT_DATABASE__REPLICA_URLS",
+    )
     local.set_defaults(handler=_local)
+
+
+def _replica_count(text: str) -> int:
+    """A ``--replicas`` value: a whole number, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {text!r}")
+    return int(text)
 
 
 def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -451,14 +484,26 @@ def _local(args: argparse.Namespace) -> int:
             server.start()
             print(server.url)
         print(f"data in {server.data_dir}, log {server.log_file}", file=sys.stderr)
+        for replica in server.kept_replicas().values():
+            replica.start()  # the ones made earlier come back with their primary
+        while len(server.kept_replicas()) < args.replicas:
+            server.start_replica()
+        for number, replica in server.kept_replicas().items():
+            print(f"replica {number}: {replica.url} (data in {replica.data_dir})", file=sys.stderr)
         return EXIT_OK
     running = LocalPostgres.attach(data_dir)
+    replicas = (running or LocalPostgres(data_dir)).kept_replicas()
     if args.action == "stop":
+        stopped = [(number, r) for number, r in replicas.items() if r.is_running()]
+        for _, replica in reversed(stopped):  # replicas first: none waits for a gone primary
+            replica.stop()
         if running is None:
             print(f"not running (data in {data_dir})")
         else:
             running.stop()
             print(f"stopped (data kept in {data_dir})")
+        for number, replica in stopped:
+            print(f"stopped replica {number} (data kept in {replica.data_dir})")
         return EXIT_OK
     if running is None:
         if args.action == "status":
@@ -468,27 +513,74 @@ def _local(args: argparse.Namespace) -> int:
         )
     if args.action == "status":
         print(f"running at {running.url} (pid {running.pid}, data in {data_dir})")
-    else:
+        down = []
+        for number, replica in replicas.items():
+            if replica.is_running():
+                role = "" if replica.is_replica else " (promoted: not a standby)"
+                print(
+                    f"replica {number} running at {replica.url}{role} "
+                    f"(pid {replica.pid}, data in {replica.data_dir})"
+                )
+            else:
+                print(f"replica {number} not running (data in {replica.data_dir})")
+                down.append(str(number))
+        if down:
+            raise CommandFailed(
+                f"replica {', '.join(down)} not running: `dbkit local start` starts it",
+                EXIT_NOT_RUNNING,
+            )
+    elif args.replica is None:
         print(running.url)
+    else:
+        print(_replica_urls(replicas, args.replica))
     return EXIT_OK
+
+
+def _replica_urls(replicas: dict[int, LocalPostgres], which: str) -> str:
+    """``dbkit local url --replica N|all``: replica N's URL, or all of them comma-separated."""
+    if not replicas:
+        raise CommandFailed("no replicas: make some with `dbkit local start --replicas N`")
+    if which == "all":
+        chosen = list(replicas.items())
+    elif which.isdigit() and int(which) in replicas:
+        chosen = [(int(which), replicas[int(which)])]
+    else:
+        raise CommandFailed(
+            f"no replica {which!r}: there are {', '.join(map(str, replicas))} (or all)",
+            EXIT_USAGE,
+        )
+    for number, replica in chosen:
+        if not replica.is_running():
+            raise CommandFailed(f"replica {number} is not running: `dbkit local start` starts it")
+    return ",".join(replica.url for _, replica in chosen)
 
 
 def _local_destroy(server: LocalPostgres, yes: bool) -> int:
     data_dir = server.data_dir
-    if not data_dir.exists() and not data_dir.is_symlink():
+    replicas = server.kept_replicas()
+    exists = data_dir.exists() or data_dir.is_symlink()
+    if not exists and not replicas:
         print(f"nothing to delete: no {data_dir}")
         return EXIT_OK
+    what = str(data_dir)
+    if replicas:
+        what += f" and its replicas {', '.join(str(r.data_dir) for r in replicas.values())}"
     if not yes:
         if not sys.stdin.isatty():
             raise CommandFailed(
-                f"would delete {data_dir} and all its data: pass --yes to confirm", EXIT_USAGE
+                f"would delete {what} and all its data: pass --yes to confirm", EXIT_USAGE
             )
-        answer = input(f"stop the server and delete {data_dir} with all its data? [y/N] ")
+        answer = input(f"stop the server and delete {what} with all its data? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("kept")
             return EXIT_OK
+    for replica in reversed(replicas.values()):
+        replica.destroy()
     server.destroy()
-    print(f"deleted {data_dir}")
+    if exists:
+        print(f"deleted {data_dir}")
+    for replica in replicas.values():
+        print(f"deleted {replica.data_dir}")
     return EXIT_OK
 
 
