@@ -198,3 +198,152 @@ def reporters(db: Database) -> Database:
         " last_name text NOT NULL DEFAULT '')"
     )
     return db
+
+
+# ----------------------------------------------------------------------------------------
+# More than one server: a primary with a streaming replica, and PgBouncer.
+#
+# replica_pair       (function, on a module-scoped pair)  a primary LocalPostgres and a
+#                    streaming hot standby of it, shared by the tests of a module
+# make_replica_pair  (function) factory of private pairs, to stop, kill or promote
+# pgbouncer          (session)  tests/pgbouncer.PgBouncer in front of pg_server: transaction
+#                    pooling, default_pool_size 2
+# ----------------------------------------------------------------------------------------
+
+from pgbouncer import PgBouncer  # noqa: E402  (the fixtures below use it)
+
+
+class ReplicaPair:
+    """A started primary ``LocalPostgres`` and a streaming replica of it (its
+    ``start_replica()``); unpacks as ``primary, replica = pair``."""
+
+    def __init__(self, primary: LocalPostgres, replica: LocalPostgres) -> None:
+        self.primary = primary
+        self.replica = replica
+
+    def __iter__(self) -> Iterator[LocalPostgres]:
+        return iter((self.primary, self.replica))
+
+    def servers(self) -> list[LocalPostgres]:
+        """Every replica made from the primary (the last first), then the primary."""
+        return [*reversed(self.primary.replicas), self.primary]
+
+    def stop(self) -> None:
+        _stop_each(self.servers())
+
+
+def _stop_each(servers: list[LocalPostgres]) -> None:
+    """Stop them all in this order, even when one fails (the first error is raised)."""
+    errors: list[BaseException] = []
+    for server in servers:
+        try:
+            server.stop(mode="immediate")
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _new_replica_pair(**settings: str | int | float | bool) -> ReplicaPair:
+    primary = LocalPostgres(settings=settings).start()
+    try:
+        return ReplicaPair(primary, primary.start_replica())
+    except BaseException:
+        primary.stop(mode="immediate")
+        raise
+
+
+class _ModulePair:
+    """The module's pair: made on first use, made again after a test broke it."""
+
+    def __init__(self) -> None:
+        self.pair: ReplicaPair | None = None
+
+    def get(self) -> ReplicaPair:
+        if self.pair is None:
+            # Pool tests open many connections; the replica inherits the setting.
+            self.pair = _new_replica_pair(max_connections=100)
+        return self.pair
+
+    def tidy(self) -> None:
+        """After a test: replay resumed when it was paused; a pair that a test stopped,
+        killed or promoted is dropped (the next test gets a fresh one)."""
+        pair = self.pair
+        if pair is None:
+            return
+        healthy = pair.primary.is_running() and pair.replica.is_running()
+        if healthy and pair.replica.is_replica:
+            try:
+                with pair.replica.admin_connection() as conn:
+                    conn.execute("SELECT pg_wal_replay_resume()")
+            except psycopg.Error:
+                healthy = False
+        if not healthy or not pair.replica.is_replica:
+            self.close()
+
+    def close(self) -> None:
+        pair, self.pair = self.pair, None
+        if pair is not None:
+            pair.stop()
+
+
+@pytest.fixture(scope="module")
+def _replica_pair_of_module() -> Iterator[_ModulePair]:
+    keeper = _ModulePair()
+    try:
+        yield keeper
+    finally:
+        keeper.close()
+
+
+@pytest.fixture
+def replica_pair(_replica_pair_of_module: _ModulePair) -> Iterator[ReplicaPair]:
+    """``primary, replica``: throwaway servers, the replica streaming from the primary
+    (``LocalPostgres.start_replica()``, hot standby, own port and temp dir), shared by the
+    tests of a module (a replica costs a second or two to make).
+
+    Tests share the primary's databases: use table names of their own.  After each test,
+    WAL replay is resumed if the test paused it (``pg_wal_replay_pause()``); a pair the test
+    stopped, killed or promoted is replaced for the next test, but tests that do that should
+    rather use ``make_replica_pair``.  More replicas: ``primary.start_replica()`` (stopped
+    with the pair).
+    """
+    yield _replica_pair_of_module.get()
+    _replica_pair_of_module.tidy()
+
+
+class MakeReplicaPair(Protocol):
+    """``make_replica_pair(**settings)``: a fresh primary (with those server settings,
+    which the replica inherits) and a streaming replica of it."""
+
+    def __call__(self, **settings: str | int | float | bool) -> ReplicaPair: ...
+
+
+@pytest.fixture
+def make_replica_pair() -> Iterator[MakeReplicaPair]:
+    """Factory of private ``ReplicaPair``s for tests that stop, kill or promote a server
+    (failover); each pair, with any further replica of its primary, is stopped at
+    teardown."""
+    made: list[ReplicaPair] = []
+
+    def factory(**settings: str | int | float | bool) -> ReplicaPair:
+        pair = _new_replica_pair(**settings)
+        made.append(pair)
+        return pair
+
+    yield factory
+    _stop_each([server for pair in reversed(made) for server in pair.servers()])
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: LocalPostgres) -> Iterator[PgBouncer]:
+    """PgBouncer (``tests/pgbouncer.py``) in front of ``pg_server`` for the whole run:
+    ``pool_mode = transaction``, ``default_pool_size = 2``, trust authentication, on a free
+    port (never the system's 6432).  ``pgbouncer.url`` reaches pg_server's ``postgres``
+    database, ``pgbouncer.url_for(name)`` any other (e.g. this test's
+    ``postgresql.info.dbname``); ``pgbouncer.show("POOLS")`` asks the admin console.
+    Connect psycopg with ``prepare_threshold=None`` (PgBouncer 1.18 cannot keep prepared
+    statements in transaction mode).  Needs the ``pgbouncer`` binary (``.ci/run`` installs
+    it); without it the tests using this fixture error out saying so."""
+    with PgBouncer(pg_server, pool_mode="transaction", default_pool_size=2) as bouncer:
+        yield bouncer
