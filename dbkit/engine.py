@@ -10,6 +10,7 @@ conn_max_lifetime      checked at checkout and by the sweeper, counted (see dbki
 conn_max_idle_time     likewise
 statement_timeout,     server settings sent in the startup packet (``options``), so they
 idle_in_transaction_…  cost no extra round trip
+pgbouncer              no server-side prepared statements (``prepare_threshold=None``)
 =====================  =================================================================
 
 LIFO reuse keeps the hot connections hot and lets the cold ones age out; ``hide_parameters``
@@ -56,6 +57,11 @@ def connect_args(config: PostgresConfig) -> dict[str, Any]:
         value = getattr(config, key)
         if value:
             args[key] = value
+    if config.pgbouncer:
+        # PgBouncer in transaction mode hands each transaction to any server connection:
+        # a statement prepared on one is unknown to the next (and the startup packet's
+        # options never reach the server, which settings refuse: see PostgresConfig).
+        args["prepare_threshold"] = None
     options = []
     if config.statement_timeout > 0:
         options.append(f"-c statement_timeout={_ms(config.statement_timeout)}")

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from loguru import logger
 from sqlalchemy import exc as sa_exc
 
-from dbkit.errors import LockNotAvailable, sqlstate_of
+from dbkit.errors import LockNotAvailable, TransactionError, sqlstate_of
 
 if TYPE_CHECKING:
     from dbkit.connection import DbkitConnection
@@ -218,6 +218,12 @@ class AdvisoryLocks:
     def _lock_session(
         self, name: str | int, key: int, bound: str | None, timeout: float | None
     ) -> DbkitConnection:
+        if self._db.config.pgbouncer:
+            raise TransactionError(
+                f"advisory lock {name!r}: a session lock cannot work behind PgBouncer in "
+                "transaction mode (the session it would belong to is PgBouncer's, shared); "
+                "take it inside a db.transaction() block, where it is transaction-scoped"
+            )
         conn = self._db.checkout()
         try:
             if bound is None:

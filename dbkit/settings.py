@@ -83,7 +83,10 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 RESETS = ("rollback", "discard")
+SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+READ_FROM = ("primary", "replica", "prefer-replica")
 
+_DB = "database"
 _PG = "database.postgres"
 _LOG = "log"
 _APP = "app"
@@ -123,6 +126,14 @@ def _to_int(value: object) -> int:
     raise ValueError(f"expected an integer, got {_kind(value)} {value!r}")
 
 
+def _to_port(value: object) -> int | str:
+    """A port (``5432``) or, for several hosts, a comma-separated list (``"5432,5433"``)."""
+    if isinstance(value, str) and "," in value:
+        ports = [part.strip() for part in value.split(",")]
+        return ",".join(str(_to_int(port)) for port in ports)
+    return _to_int(value)
+
+
 def _to_str(value: object) -> str:
     if isinstance(value, str):
         return value
@@ -150,6 +161,7 @@ def _to_bool(value: object) -> bool:
 # ``from __future__ import annotations``, so ``Field.type`` is the real type).
 _COERCERS: dict[object, Callable[[object], object]] = {
     int: _to_int,
+    int | str: _to_port,
     float: parse_duration,  # every float setting is a duration in seconds
     str: _to_str,
     str | None: _to_optional_str,
@@ -190,8 +202,8 @@ class PostgresConfig:
     is reported at once in a ``ConfigError``.  The password is left out of ``repr``.
     """
 
-    host: str = "localhost"
-    port: int = 5432
+    host: str = "localhost"  # or several, "a,b" (libpq multi-host: failover)
+    port: int | str = 5432  # or one per host, "5432,5433"
     name: str = "postgres"
     username: str = "postgres"
     password: str = field(default="", repr=False)
@@ -217,6 +229,8 @@ class PostgresConfig:
     fast_paths: bool = True  # false: SQLAlchemy's and psycopg's public API only (dbkit.fastpath)
     resolve_commit_outcome: bool = True  # a COMMIT lost in flight is resolved by pg_xact_status
     reset_on_return: str = "rollback"  # "rollback" | "discard" (DISCARD ALL on return)
+    target_session_attrs: str | None = None  # libpq's: "read-write" finds the primary
+    pgbouncer: bool = False  # behind PgBouncer in transaction pooling mode
 
     def __post_init__(self) -> None:
         problems, failed = _coerce_fields(self, _PG)
@@ -249,8 +263,45 @@ class PostgresConfig:
                     f"{_PG}.reset_on_return: {self.reset_on_return!r} is not one of "
                     f"{', '.join(RESETS)}"
                 )
-        if ok("port") and not 1 <= self.port <= 65535:
-            problems.append(f"{_PG}.port: {self.port} is not between 1 and 65535")
+        if ok("port"):
+            for port in self.ports():
+                if not 1 <= port <= 65535:
+                    problems.append(f"{_PG}.port: {port} is not between 1 and 65535")
+        if ok("host", "port"):
+            hosts, ports = self.host.split(","), self.ports()
+            if len(ports) > 1 and len(ports) != len(hosts):
+                problems.append(
+                    f"{_PG}.port: {len(ports)} ports for {len(hosts)} hosts (give one port "
+                    "for all, or one per host)"
+                )
+            if len(hosts) > 1 and any(not h.strip() for h in hosts):
+                problems.append(f"{_PG}.host: an empty name in the list {self.host!r}")
+        if ok("target_session_attrs") and self.target_session_attrs is not None:
+            attrs = self.target_session_attrs.strip().lower()
+            if attrs in SESSION_ATTRS:
+                object.__setattr__(self, "target_session_attrs", attrs)
+            else:
+                problems.append(
+                    f"{_PG}.target_session_attrs: {self.target_session_attrs!r} is not one of "
+                    f"{', '.join(SESSION_ATTRS)}"
+                )
+        for name in ("statement_timeout", "idle_in_transaction_session_timeout"):
+            if ok("pgbouncer", name) and self.pgbouncer and getattr(self, name) > 0:
+                problems.append(
+                    f"{_PG}.{name}: PgBouncer does not pass it to the server (dbkit sends it "
+                    "in the startup packet); set it for the role (ALTER ROLE … SET "
+                    f"{name} = …) or per transaction (timeout=, settings=)"
+                )
+        if (
+            ok("pgbouncer", "reset_on_return")
+            and self.pgbouncer
+            and self.reset_on_return == "discard"
+        ):
+            problems.append(
+                f"{_PG}.reset_on_return: 'discard' cannot work behind PgBouncer in "
+                "transaction mode (the next transaction may run on another server "
+                "connection); use 'rollback'"
+            )
         if ok("sslmode"):
             mode = self.sslmode.strip().lower()
             if mode in SSLMODES:
@@ -285,6 +336,24 @@ class PostgresConfig:
                     problems.append(f"{_PG}.{f.name}: {seconds:g}s must not be negative")
         return problems
 
+    def ports(self) -> list[int]:
+        """The port of each host (one for all when a single port is given)."""
+        if isinstance(self.port, int):
+            return [self.port]
+        return [int(port) for port in str(self.port).split(",")]
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every server the config names, in libpq's order."""
+        hosts = [h.strip() for h in self.host.split(",")]
+        ports = self.ports()
+        if len(ports) == 1:
+            ports = ports * len(hosts)
+        return list(zip(hosts, ports, strict=False))
+
+    @property
+    def multi_host(self) -> bool:
+        return "," in self.host
+
     def url(self, driver: str = "postgresql+psycopg") -> URL:
         """The SQLAlchemy URL, password included (``str(url)`` masks it; use
         ``url.render_as_string(hide_password=False)`` only where a tool needs the text).
@@ -292,10 +361,16 @@ class PostgresConfig:
         SSL and application settings ride in the query so the URL alone connects the same
         way; a unix-socket directory goes in the query too, where libpq expects it.
         """
-        query: dict[str, str] = {"sslmode": self.sslmode}
+        query: dict[str, str | tuple[str, ...]] = {"sslmode": self.sslmode}
         host: str | None = self.host
-        if self.host.startswith("/"):
+        port: int | None = self.ports()[0]
+        if self.multi_host:  # SQLAlchemy's form for libpq's host=a,b port=1,2
+            query["host"] = tuple(f"{h}:{p}" for h, p in self.addresses())
+            host = port = None
+        elif self.host.startswith("/"):
             query["host"], host = self.host, None
+        if self.target_session_attrs:
+            query["target_session_attrs"] = self.target_session_attrs
         for key in ("sslrootcert", "sslcert", "sslkey"):
             value = getattr(self, key)
             if value:
@@ -309,7 +384,7 @@ class PostgresConfig:
             username=self.username,
             password=self.password or None,
             host=host,
-            port=self.port,
+            port=port,
             database=self.name,
             query=query,
         )
@@ -317,6 +392,9 @@ class PostgresConfig:
     def safe_dsn(self) -> str:
         """``postgresql://user@host:port/name`` for messages and logs: never the password."""
         user, name = quote(self.username, safe=""), quote(self.name, safe="")
+        if self.multi_host:
+            hosts = ",".join(f"{f'[{h}]' if ':' in h else h}:{p}" for h, p in self.addresses())
+            return f"postgresql://{user}@{hosts}/{name}"
         if self.host.startswith("/"):
             return f"postgresql://{user}@/{name}?host={quote(self.host)}&port={self.port}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -387,7 +465,49 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
+    """The primary (``postgres``) and its read replicas.  A replica's fields not given
+    are the primary's (pool sizes, timeouts, credentials …).  ``read_from`` None means
+    "prefer-replica" once replicas are configured, else "primary"."""
+
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    replicas: tuple[PostgresConfig, ...] = ()
+    read_from: str | None = None  # "primary" | "replica" | "prefer-replica"
+    max_replica_lag: float = 10.0  # seconds of replay behind: a replica further back is skipped
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "replicas", tuple(self.replicas))
+        for i, replica in enumerate(self.replicas):
+            if not isinstance(replica, PostgresConfig):
+                problems.append(  # type: ignore[unreachable]  # callers may pass anything
+                    f"{_DB}.replicas[{i}]: expected a PostgresConfig"
+                )
+        if self.read_from is not None:
+            mode = str(self.read_from).strip().lower()
+            if mode not in READ_FROM:
+                problems.append(
+                    f"{_DB}.read_from: {self.read_from!r} is not one of {', '.join(READ_FROM)}"
+                )
+            elif mode == "replica" and not self.replicas:
+                problems.append(f"{_DB}.read_from: 'replica' but no replica is configured")
+            object.__setattr__(self, "read_from", mode)
+        try:
+            lag = parse_duration(self.max_replica_lag)
+        except ValueError as exc:
+            problems.append(f"{_DB}.max_replica_lag: {exc}")
+        else:
+            if lag < 0:
+                problems.append(f"{_DB}.max_replica_lag: {lag:g}s must not be negative")
+            object.__setattr__(self, "max_replica_lag", lag)
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def routing(self) -> str:
+        """Where reads go: ``read_from`` as given, or its default."""
+        if self.read_from is not None:
+            return self.read_from
+        return "prefer-replica" if self.replicas else "primary"
 
 
 def _empty_app() -> Mapping[str, Any]:
@@ -454,8 +574,12 @@ _PG_ORDER = {f"{_PG}.{name}": i for i, name in enumerate(_PG_FIELDS)}
 _PG_DEFAULT_IDLE = PostgresConfig.__dataclass_fields__["max_idle_conns"].default
 _LOG_FIELDS = tuple(f.name for f in fields(LogConfig))
 _LOG_ORDER = {f"{_LOG}.{name}": i for i, name in enumerate(_LOG_FIELDS)}
+# Keys of [database] itself; a [[database.replicas]] table takes the postgres fields.
+_DB_FIELDS = ("read_from", "max_replica_lag", "replicas", "replica_urls")
 _KNOWN_KEYS = frozenset(
-    [f"{_PG}.{name}" for name in _PG_FIELDS] + [f"{_LOG}.{name}" for name in _LOG_FIELDS]
+    [f"{_PG}.{name}" for name in _PG_FIELDS]
+    + [f"{_LOG}.{name}" for name in _LOG_FIELDS]
+    + [f"{_DB}.{name}" for name in _DB_FIELDS]
 )
 _TABLE_KEYS = frozenset({"database", _PG, _LOG, _APP})
 
@@ -478,6 +602,7 @@ def _url_values(url: str | URL, label: str) -> tuple[dict[str, Any], list[str]]:
         ]
     query = {k: (v[-1] if isinstance(v, tuple) else v) for k, v in parsed.query.items()}
     defaults = PostgresConfig.__dataclass_fields__
+    hosts = parsed.query.get("host")
     values: dict[str, Any] = {
         "host": parsed.host or query.get("host") or defaults["host"].default,
         "port": parsed.port if parsed.port is not None else query.get("port", 5432),
@@ -485,7 +610,18 @@ def _url_values(url: str | URL, label: str) -> tuple[dict[str, Any], list[str]]:
         "username": parsed.username or defaults["username"].default,
         "password": parsed.password or "",
     }
-    for key in ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_name"):
+    if isinstance(hosts, tuple) and len(hosts) > 1:  # ?host=a:5432&host=b:5433
+        pairs = [h.rpartition(":") if ":" in h else (h, "", "") for h in hosts]
+        values["host"] = ",".join(h for h, _, _ in pairs)
+        values["port"] = ",".join(p or str(values["port"]) for _, _, p in pairs)
+    for key in (
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "application_name",
+        "target_session_attrs",
+    ):
         if key in query:
             values[key] = query[key]
     if "connect_timeout" in query:
@@ -700,10 +836,72 @@ def _load(
     _fit_idle_to_open(postgres, idle_given=f"{_PG}.max_idle_conns" in sources)
     pg_config = _construct(PostgresConfig, postgres, sources, problems)
     log_config = _construct(LogConfig, log, sources, problems)
-    if problems or pg_config is None or log_config is None:
+    db_config = (
+        _database_config(pg_config, _table(tree, "database"), sources, problems)
+        if pg_config is not None
+        else None
+    )
+    if problems or db_config is None or log_config is None:
         raise ConfigError(problems)
-    settings = Settings(env=env_name, database=DatabaseConfig(pg_config), log=log_config, app=app)
+    settings = Settings(env=env_name, database=db_config, log=log_config, app=app)
     return settings, sources
+
+
+def _database_config(
+    primary: PostgresConfig,
+    table: Mapping[str, Any],
+    sources: Mapping[str, str],
+    problems: list[str],
+) -> DatabaseConfig | None:
+    """``[database]``: the replicas (each ``[[database.replicas]]`` table over the primary's
+    fields, or ``DBKIT_DATABASE__REPLICA_URLS``, comma-separated URLs over them),
+    ``read_from`` and ``max_replica_lag``; environment variables win over files."""
+    values: dict[str, Any] = {}
+    for name in ("read_from", "max_replica_lag"):
+        var = sources.get(f"{_DB}.{name}", "")
+        if var.startswith("env:"):
+            values[name] = os.environ[var[4:]]
+        elif name in table:
+            values[name] = table[name]
+    replicas: list[PostgresConfig] = []
+    urls_source = sources.get(f"{_DB}.replica_urls", "")
+    if urls_source.startswith("env:"):
+        urls = [u.strip() for u in os.environ[urls_source[4:]].split(",") if u.strip()]
+        for i, url in enumerate(urls):
+            found, url_problems = _url_values(url, f"{_DB}.replica_urls[{i}]")
+            problems += url_problems
+            if not found.get("password"):
+                found.pop("password", None)  # inherited, like every field the URL lacks
+            if not url_problems:
+                try:
+                    replicas.append(primary.replace(**found))
+                except ConfigError as exc:
+                    problems += [f"{_DB}.replica_urls[{i}]: {p}" for p in exc.problems]
+    else:
+        tables = table.get("replicas", ())
+        if not isinstance(tables, (list, tuple)):
+            problems.append(f"{_DB}.replicas: expected a list of tables ([[database.replicas]])")
+            tables = ()
+        for i, entry in enumerate(tables):
+            if not isinstance(entry, Mapping):
+                problems.append(f"{_DB}.replicas[{i}]: expected a table of postgres settings")
+                continue
+            unknown = [k for k in entry if k not in _PG_FIELDS]
+            problems += _unknown_names(unknown, _PG_FIELDS, f"{_DB}.replicas[{i}]")
+            try:
+                replicas.append(
+                    primary.replace(**{k: v for k, v in entry.items() if k in _PG_FIELDS})
+                )
+            except ConfigError as exc:
+                problems += [p.replace(_PG, f"{_DB}.replicas[{i}]", 1) for p in exc.problems]
+    try:
+        return DatabaseConfig(primary, tuple(replicas), **values)
+    except ConfigError as exc:
+        problems += [
+            f"{p} (from {sources[p.split(':', 1)[0]]})" if p.split(":", 1)[0] in sources else p
+            for p in exc.problems
+        ]
+        return None
 
 
 def _unique(paths: Iterable[Path]) -> list[Path]:
