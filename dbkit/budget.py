@@ -22,7 +22,7 @@ import sqlalchemy as sa
 if TYPE_CHECKING:
     from dbkit.database import Database
 
-__all__ = ["ConnectionBudget", "connection_budget"]
+__all__ = ["ConnectionBudget", "connection_budget", "connection_budgets"]
 
 # reserved_connections exists from PostgreSQL 16 on: NULL (missing_ok) before.
 _LIMITS = sa.text(
@@ -128,9 +128,8 @@ class ConnectionBudget:
 
 
 def connection_budget(db: Database, instances: int) -> ConnectionBudget:
-    """The budget of ``instances`` processes configured as ``db``, against its server.
-    One pool today (``primary``); replicas' pools will be summed against their own
-    servers."""
+    """The budget of ``instances`` processes configured as ``db``, against its server
+    (the primary's pool only: ``connection_budgets`` adds each replica's)."""
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise ValueError(f"instances must be a whole number >= 1, got {instances!r}")
     row = db.execute(_LIMITS).one()
@@ -141,3 +140,23 @@ def connection_budget(db: Database, instances: int) -> ConnectionBudget:
         superuser_reserved_connections=row[1],
         reserved_connections=row[2],
     )
+
+
+def connection_budgets(db: Database, instances: int) -> dict[str, ConnectionBudget]:
+    """Every server's budget, keyed by pool name: the primary's, and each replica's pool
+    against that replica's own server (a replica that does not answer is left out: the
+    caller reports it as down)."""
+    budgets = {"primary": connection_budget(db, instances)}
+    for name, replica in db.replica_databases().items():
+        try:
+            budget = connection_budget(replica, instances)
+        except Exception:  # a replica that is down has no budget to show
+            continue
+        budgets[name] = ConnectionBudget(
+            instances=instances,
+            pools={name: replica.config.max_open_conns},
+            max_connections=budget.max_connections,
+            superuser_reserved_connections=budget.superuser_reserved_connections,
+            reserved_connections=budget.reserved_connections,
+        )
+    return budgets

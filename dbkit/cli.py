@@ -15,6 +15,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -280,6 +281,14 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="plain progress lines even in a terminal",
     )
+    parser.add_argument(
+        "--replicas",
+        type=_replica_count,
+        default=0,
+        metavar="N",
+        help="with a throwaway server: N streaming replicas too, and the report phase reads "
+        "from one (a configured database's replicas come from its settings)",
+    )
     parser.set_defaults(handler=_demo)
 
 
@@ -402,16 +411,29 @@ def _security_warnings(db: Database, env: str) -> list[str]:
     return warnings
 
 
-def _check(args: argparse.Namespace) -> int:
-    from dbkit.budget import ConnectionBudget, connection_budget
+@contextlib.contextmanager
+def _target_database(args: argparse.Namespace) -> Iterator[tuple[Database, str]]:
+    """``_target``'s database as a connected ``Database``, with the settings' replicas."""
+    if getattr(args, "local", False):
+        with _target(args) as (config, env), Database(config) as db:
+            yield db, env
+        return
+    settings = load_settings(env=args.env, settings_files=_settings_files(args), url=_url(args))
+    with Database.from_settings(settings) as db:
+        yield db, settings.env
 
-    budget: ConnectionBudget | None = None
-    with _target(args) as (config, env), Database(config) as db:
+
+def _check(args: argparse.Namespace) -> int:
+    from dbkit.budget import ConnectionBudget, connection_budgets
+
+    budgets: dict[str, ConnectionBudget] = {}
+    with _target_database(args) as (db, env):
+        config = db.config
         health = db.health()
         version = db.scalar("SHOW server_version")
         warnings = _security_warnings(db, env)
         if args.instances is not None:
-            budget = connection_budget(db, args.instances)
+            budgets = connection_budgets(db, args.instances)
         report: dict[str, Any] = {
             "database": config.safe_dsn(),
             "environment": env,
@@ -423,8 +445,16 @@ def _check(args: argparse.Namespace) -> int:
         }
         if health.error:
             report["health"]["error"] = health.error
-        if budget is not None:
-            report["connections"] = budget.as_dict()
+        if health.replicas:
+            report["read_from"] = db.read_from
+            report["replicas"] = [
+                {**asdict(replica), "pool": db.pool_stats()[replica.name].as_dict()}
+                for replica in health.replicas
+            ]
+        if budgets:
+            report["connections"] = budgets["primary"].as_dict()
+            if len(budgets) > 1:
+                report["connections_by_server"] = {k: b.as_dict() for k, b in budgets.items()}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -435,16 +465,21 @@ def _check(args: argparse.Namespace) -> int:
         print("pool")
         for key, value in report["pool"].items():
             print(f"  {key:22} {value}")
-        if budget is not None:
-            print(f"connections     {budget.fleet_arithmetic()}")
-            print(f"server slots    {budget.server_arithmetic()}")
-            print(f"budget          {budget.verdict()}")
+        for replica in health.replicas:
+            lag = "down" if replica.lag_s is None else f"replay {replica.lag_s:.1f}s behind"
+            state = "ok" if replica.ok else f"SKIPPED: {replica.error}"
+            print(f"{replica.name:<15} {state} ({lag}), reads {db.read_from}")
+        for name, budget in budgets.items():
+            where = "" if name == "primary" else f" [{name}]"
+            print(f"connections     {budget.fleet_arithmetic()}{where}")
+            print(f"server slots    {budget.server_arithmetic()}{where}")
+            print(f"budget          {budget.verdict()}{where}")
         for warning in warnings:
             print(f"WARNING: {warning}")
-    problem = None if budget is None else budget.problem()
-    if problem is not None:
+    problems = [p for p in (b.problem() for b in budgets.values()) if p is not None]
+    if problems:
         sys.stdout.flush()
-        raise CommandFailed(problem)
+        raise CommandFailed("; ".join(problems))
     return EXIT_OK if health.ok else EXIT_FAILED
 
 
@@ -611,7 +646,15 @@ def _demo_database(args: argparse.Namespace) -> Iterator[Database]:
     from dbkit import demo
 
     if not args.local and _database_configured(args):
-        with Database(_configured(args)) as db:
+        if args.replicas:
+            raise CommandFailed(
+                "--replicas starts replicas of a throwaway server; a configured database's "
+                "replicas come from its settings (DBKIT_DATABASE__REPLICA_URLS, "
+                "[[database.replicas]])",
+                EXIT_USAGE,
+            )
+        settings = load_settings(env=args.env, settings_files=_settings_files(args), url=_url(args))
+        with Database.from_settings(settings) as db:
             try:
                 demo.check_schema(db)
             except demo.DemoSchemaError as error:
@@ -619,7 +662,7 @@ def _demo_database(args: argparse.Namespace) -> Iterator[Database]:
             print(f"database    {db.config.safe_dsn()}")
             yield db
         return
-    with demo.throwaway_database() as db:
+    with demo.throwaway_database(replicas=args.replicas) as db:
         yield db
 
 

@@ -33,10 +33,11 @@ from dbkit.errors import (
 from dbkit.fastpath.driver import DriverPath
 from dbkit.fastpath.pool import PoolClosed
 from dbkit.fastpath.sqlalchemy import Declined
-from dbkit.health import Health, HealthMonitor
+from dbkit.health import Health, HealthMonitor, ReplicaHealth
 from dbkit.locks import AdvisoryLocks, HeldLock
 from dbkit.metrics import StatementListener, StatementObserver
 from dbkit.pool import LeakDetector, evict_expired, shut
+from dbkit.replicas import PRIMARY_POSITION, ReplicaSet, parse_lsn
 from dbkit.resilience import CircuitBreaker
 from dbkit.retrying import Attempts, Failure, RetryPolicy, is_read, run_retrying
 from dbkit.stats import PoolCounters, PoolStats, QueryCounters, QueryStats
@@ -73,6 +74,20 @@ def _min_delay_jitter(value: float) -> float:
     return value / 2 + random.uniform(0, value / 2)
 
 
+def _replica_config(primary: PostgresConfig, url: str | sa.URL) -> PostgresConfig:
+    """A replica's config: the connection fields its URL gives, the rest the primary's
+    (its password too when the URL has none)."""
+    from dbkit.settings import PostgresConfig
+
+    given = PostgresConfig.from_url(url)
+    changes = {
+        name: getattr(given, name)
+        for name in ("host", "port", "name", "username", "password", "sslmode")
+        if name != "password" or given.password
+    }
+    return primary.replace(**changes)
+
+
 def _reason(error: BaseException) -> str:
     """The driver's message on one line, for error text a person reads."""
     orig = getattr(error, "orig", None) or error
@@ -87,13 +102,23 @@ class Database:
         self,
         config: PostgresConfig,
         *,
+        replicas: Sequence[PostgresConfig] = (),
+        read_from: str | None = None,
+        max_replica_lag: float | str = 10.0,
         slow_query_threshold: float = 0.0,
         log_slow_query_parameters: bool = False,
         **engine_options: Any,
     ) -> None:
-        """``slow_query_threshold`` (seconds, 0 = off) logs slower statements, without their
+        """``replicas``: read replicas of this primary, each with a pool of its own; reads
+        go to them per ``read_from`` ("primary", "replica", "prefer-replica"; default
+        "prefer-replica" when there are replicas) and ``max_replica_lag`` (seconds), never
+        before they have replayed this Database's latest commit (``dbkit.replicas``).
+        ``slow_query_threshold`` (seconds, 0 = off) logs slower statements, without their
         parameter values unless ``log_slow_query_parameters``; ``engine_options`` go to
         ``sqlalchemy.create_engine`` (an escape hatch)."""
+        from dbkit.settings import DatabaseConfig
+
+        setup = DatabaseConfig(config, tuple(replicas), read_from, max_replica_lag)  # type: ignore[arg-type]  # parsed there
         self._config = config
         self._queries = QueryCounters()
         self._observer = StatementObserver(
@@ -112,12 +137,31 @@ class Database:
             config.breaker_recovery_timeout,
             name=config.safe_dsn(),
         )
+        self._replicas = (
+            ReplicaSet(
+                [
+                    type(self)(
+                        replica,
+                        slow_query_threshold=slow_query_threshold,
+                        log_slow_query_parameters=log_slow_query_parameters,
+                        **engine_options,
+                    )
+                    for replica in setup.replicas
+                ],
+                read_from=setup.routing,
+                max_lag=setup.max_replica_lag,
+                primary_position=self._primary_position,
+            )
+            if setup.replicas
+            else None
+        )
         self._transactions = TransactionManager(
-            self.checkout,
+            self._checkout_for,
             self._queries,
             policy=self._retry_policy(),
             resolve=self._resolve_commit if config.resolve_commit_outcome else None,
             check_settings=self._known_settings.check,
+            committed=self._committed if self._replicas is not None else None,
         )
         self._leaks = (
             LeakDetector(config.leak_detection_threshold)
@@ -134,19 +178,37 @@ class Database:
 
     @classmethod
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Self:
+        database = settings.database
         return cls(
-            settings.database.postgres,
+            database.postgres,
+            replicas=database.replicas,
+            read_from=database.read_from,
+            max_replica_lag=database.max_replica_lag,
             slow_query_threshold=settings.log.slow_query_threshold,
             **engine_options,
         )
 
     @classmethod
-    def from_url(cls, url: str | sa.URL, **overrides: Any) -> Self:
+    def from_url(
+        cls,
+        url: str | sa.URL,
+        *,
+        replicas: Sequence[str | sa.URL] = (),
+        read_from: str | None = None,
+        max_replica_lag: float | str = 10.0,
+        **overrides: Any,
+    ) -> Self:
         """``overrides`` are PostgresConfig fields (``max_open_conns=5``); the rest are the
-        production defaults."""
+        production defaults.  ``replicas``: their URLs, every other field the primary's."""
         from dbkit.settings import PostgresConfig
 
-        return cls(PostgresConfig.from_url(url, **overrides))
+        config = PostgresConfig.from_url(url, **overrides)
+        return cls(
+            config,
+            replicas=[_replica_config(config, replica) for replica in replicas],
+            read_from=read_from,
+            max_replica_lag=max_replica_lag,
+        )
 
     @property
     def config(self) -> PostgresConfig:
@@ -242,6 +304,8 @@ class Database:
         logger.bind(audit="connected").info("connected to {}", config.safe_dsn())
         self._start_sweeper()
         self._start_monitor()
+        if self._replicas is not None:
+            self._replicas.start()  # a replica that is down is skipped, not an error
         return self
 
     def _start_monitor(self) -> None:
@@ -279,6 +343,8 @@ class Database:
             if worker is not None:
                 worker.stop()
         self._sweeper = self._monitor = None
+        if self._replicas is not None:
+            self._replicas.close()
         with self._engine_lock:
             engine, self._engine = self._engine, None
         if engine is not None:
@@ -319,6 +385,64 @@ class Database:
         engine = self.engine  # made on first use, together with its driver path
         path = self._driver
         return path if path is not None and path.engine is engine else None
+
+    def _checkout_for(self, options: TransactionOptions) -> DbkitConnection:
+        """The connection of an outermost block: a caught-up replica's for a read-only one
+        when ``read_from`` allows (``dbkit.replicas``), else the primary's."""
+        if self._replicas is None or not options.may_use_replica:
+            return self.checkout()
+        return self.run_read(lambda target: target.checkout())
+
+    def run_read(self, read: Callable[[Database], R]) -> R:
+        """``read(db)`` on the database a read outside any block goes to: a replica that
+        has replayed this Database's latest commit, per ``read_from``, else this primary.
+        A replica that cannot be reached is skipped until it answers a poll again, and the
+        read goes to the primary (``ConnectError`` under ``read_from="replica"``)."""
+        replicas = self._replicas
+        if replicas is None or self._transactions.connection() is not None:
+            return read(self)
+        replica = replicas.choose()
+        if replica is None:
+            if replicas.read_from == "replica":
+                raise ConnectError(self._no_replica())
+            return read(self)
+        try:
+            return read(replica.db)
+        except (ConnectError, CircuitOpenError, sa_exc.DBAPIError) as error:
+            if isinstance(error, sa_exc.DBAPIError) and not is_transient(error):
+                raise  # the read itself failed: the same on any server
+            replica.mark_down(error)
+            if replicas.read_from == "replica":
+                raise ConnectError(self._no_replica()) from error
+            return read(self)
+
+    def _no_replica(self) -> str:
+        assert self._replicas is not None
+        states = "; ".join(
+            f"{h.name}: {h.error or 'behind this process' + chr(39) + 's latest commit'}"
+            for h in self._replicas.health()
+        )
+        return f"no replica of {self._config.safe_dsn()} can serve this read ({states})"
+
+    def note_write(self) -> None:
+        """A write may have committed outside a transaction block (``execute`` and the
+        repositories call this): reads sent to replicas wait until it is replayed.
+        Costs nothing; without replicas it does nothing."""
+        if self._replicas is not None:
+            self._replicas.wrote()
+
+    def _committed(self, wrote: bool) -> None:
+        """A read-write transaction committed (``wrote``: it may have written)."""
+        if wrote:
+            self.note_write()
+
+    def _primary_position(self) -> int | None:
+        """The primary's WAL position now (at or past every commit made so far)."""
+        try:
+            return parse_lsn(self.scalar(PRIMARY_POSITION))
+        except Exception as error:
+            logger.warning("cannot read the WAL position of {}: {}", self, _reason(error))
+            return None
 
     def checkout(self) -> DbkitConnection:
         """A pooled SQLAlchemy ``Connection`` outside any block, checkout failures raised
@@ -437,7 +561,10 @@ class Database:
                 result = conn.execute(stmt, params)
                 return result.freeze()() if result.returns_rows else result
         retry = is_read(stmt) if idempotent is None else idempotent
-        return self.run_alone(lambda: self._execute_alone(stmt, params), retry=retry)
+        alone = self.run_alone(lambda: self._execute_alone(stmt, params), retry=retry)
+        if self._replicas is not None and not is_read(stmt):
+            self._replicas.wrote()
+        return alone
 
     def _execute_alone(self, stmt: sa.Executable, params: Mapping[str, Any] | None) -> Result[Any]:
         driver = self.driver_path()
@@ -528,6 +655,7 @@ class Database:
         retries: int | None = None,
         retry_timeout: float | None = None,
         settings: Mapping[str, SettingValue] | None = None,
+        replica: bool | None = None,
     ) -> Transaction: ...
 
     def transaction(
@@ -543,6 +671,7 @@ class Database:
         retries: int | None = None,
         retry_timeout: float | None = None,
         settings: Mapping[str, SettingValue] | None = None,
+        replica: bool | None = None,
     ) -> Transaction | Callable[..., R]:
         """A transaction block: ``with db.transaction() as conn``, ``@db.transaction`` or
         ``@db.transaction(...)``.  Outermost → BEGIN/COMMIT; nested → SAVEPOINT.
@@ -558,8 +687,14 @@ class Database:
         Database, the first time).  In a nested block they follow ``SET LOCAL``: they last
         until the outermost transaction ends, and are undone only when the block's
         savepoint is rolled back.  ``statement_timeout`` is ``timeout=``'s, isolation and
-        read-only mode their options'."""
-        options = TransactionOptions(savepoint, durable, readonly, isolation, timeout, settings)
+        read-only mode their options'.
+
+        With replicas, an outermost ``readonly=True`` block runs on one that has replayed
+        this Database's latest commit (per ``read_from``; not for serializable ones);
+        ``replica=False`` keeps it on the primary."""
+        options = TransactionOptions(
+            savepoint, durable, readonly, isolation, timeout, settings, replica
+        )
         tx = Transaction(self._transactions, options, retries, retry_timeout)
         return tx if func is None else tx(func)
 
@@ -648,13 +783,48 @@ class Database:
         except Exception as exc:
             error = f"{type(exc).__name__}: {_reason(exc)}"
         latency_ms = (time.perf_counter() - started) * 1000
+        replicas = self._replicas
+        if replicas is not None:
+            replicas.poll_all()
         return Health(
             ok=error is None,
             latency_ms=latency_ms,
             error=error,
             pool=self.stats(),
             breaker=self.breaker.state,
+            replicas=() if replicas is None else replicas.health(),
         )
+
+    @property
+    def read_from(self) -> str:
+        """Where reads go: "primary", "replica" or "prefer-replica"."""
+        return "primary" if self._replicas is None else self._replicas.read_from
+
+    def replica_databases(self) -> dict[str, Database]:
+        """Each replica's own ``Database`` by pool name (``"replica:<host>:<port>"``)."""
+        if self._replicas is None:
+            return {}
+        return {replica.name: replica.db for replica in self._replicas.replicas}
+
+    def replica_states(self) -> tuple[ReplicaHealth, ...]:
+        """Each replica as the background poll last saw it (no round trip; ``health()``
+        polls first)."""
+        return () if self._replicas is None else self._replicas.health()
+
+    def wait_for_replicas(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every usable replica has replayed this
+        Database's latest commit (e.g. before a report that should read from them); True
+        when they have.  Without replicas: True at once."""
+        if self._replicas is None:
+            return True
+        return self._replicas.wait_caught_up(timeout)
+
+    def pool_stats(self) -> dict[str, PoolStats]:
+        """Every pool's stats: ``"primary"`` (``stats()``) and ``"replica:<host>:<port>"``."""
+        pools = {"primary": self.stats()}
+        for replica in self._replicas.replicas if self._replicas is not None else ():
+            pools[replica.name] = replica.db.stats()
+        return pools
 
     def evict_expired(self) -> int:
         """Close idle connections past conn_max_idle_time / conn_max_lifetime now."""

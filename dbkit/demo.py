@@ -140,21 +140,27 @@ def check_schema(db: Database) -> None:
 
 
 @contextlib.contextmanager
-def throwaway_database(out: IO[str] | None = None) -> Iterator[Database]:
+def throwaway_database(out: IO[str] | None = None, *, replicas: int = 0) -> Iterator[Database]:
     """A throwaway local PostgreSQL from the machine's binaries (:class:`dbkit.local.
-    LocalPostgres`), migrated with the demo's own migrations and connected; stopped and
-    deleted on the way out, Ctrl-C included.  Nothing of the working directory's settings
-    or alembic.ini is used: the server's URL is the whole configuration.  Where it runs is
-    printed to ``out`` (default stdout)."""
+    LocalPostgres`), with ``replicas`` streaming replicas of it, migrated with the demo's
+    own migrations and connected; stopped and deleted on the way out, Ctrl-C included.
+    Nothing of the working directory's settings or alembic.ini is used: the servers' URLs
+    are the whole configuration.  Where they run is printed to ``out`` (default stdout)."""
     from dbkit.local import LocalPostgres
 
     out = sys.stdout if out is None else out
-    with LocalPostgres() as server:
+    with LocalPostgres() as server, contextlib.ExitStack() as stack:
         print(f"database    throwaway local PostgreSQL {server.url}", file=out)
         print(
             f"            in {server.data_dir}, stopped and removed at exit", file=out, flush=True
         )
-        with Database(PostgresConfig.from_url(server.url)) as db:
+        standbys = []
+        for _ in range(replicas):
+            standby = server.start_replica()
+            stack.callback(standby.stop)
+            standbys.append(PostgresConfig.from_url(standby.url))
+            print(f"replica     streaming replica {standby.url}", file=out, flush=True)
+        with Database(PostgresConfig.from_url(server.url), replicas=standbys) as db:
             migrate_schema(db)
             yield db
 
@@ -290,6 +296,7 @@ class DemoResult:
     phases: list[Phase] = field(default_factory=list)
     health: str = ""
     pool: dict[str, Any] = field(default_factory=dict)
+    report_from: str = ""  # which server the report read from
 
     @property
     def rejected(self) -> int:
@@ -303,13 +310,20 @@ class DemoResult:
         return rates["merge"] / rates["load"]
 
 
-def report(db: Database, progress: Progress) -> tuple[int, list[tuple[str, int]]]:
-    """Users per email domain, the five largest, by streaming every user once."""
+def report(db: Database, progress: Progress) -> tuple[int, list[tuple[str, int]], str]:
+    """Users per email domain, the five largest, by streaming every user once, in one
+    read-only transaction: one snapshot, on a replica when there are replicas (that have
+    replayed the merge).  Also says which server answered."""
     domains: Counter[str] = Counter()
-    with contextlib.closing(UserRepository(db).stream(batch_size=5_000)) as users:
-        for user in progress.wrap(users):
-            domains[user.email.rpartition("@")[2]] += 1
-    return sum(domains.values()), domains.most_common(5)
+    with db.transaction(readonly=True) as conn:
+        on_replica, port = conn.execute(
+            sa.text("SELECT pg_is_in_recovery(), inet_server_port()")
+        ).one()
+        with contextlib.closing(UserRepository(db).stream(batch_size=5_000)) as users:
+            for user in progress.wrap(users):
+                domains[user.email.rpartition("@")[2]] += 1
+    where = f"{'a replica' if on_replica else 'the primary'} (port {port})"
+    return sum(domains.values()), domains.most_common(5), where
 
 
 def _reject_reasons(db: Database) -> dict[str, int]:
@@ -348,8 +362,10 @@ def run(
         result.loaded = load_staging(db, progress.wrap(records))
     with phase("merge", result.loaded) as progress:
         result.merge = merge_staged(db, chunk_size=chunk_size, on_chunk=progress.update)
+    if db.replica_databases():
+        db.wait_for_replicas(timeout=30)  # so that the report can read from one
     with phase("report", UserRepository(db).count()) as progress:
-        result.users, result.domains = report(db, progress)
+        result.users, result.domains, result.report_from = report(db, progress)
     result.reject_reasons = _reject_reasons(db)
     health = db.health()
     HealthRepository(db).record(health)
@@ -372,7 +388,7 @@ def print_summary(result: DemoResult, out: IO[str]) -> None:
     line(f"rejected    {result.rejected:>9} rows into import_rejects")
     for reason, count in result.reject_reasons.items():
         line(f"  {count:>7}  {reason}")
-    line(f"users       {result.users:>9} in the table now")
+    line(f"users       {result.users:>9} in the table now (report read from {result.report_from})")
     line("top domains " + ", ".join(f"{d} {n}" for d, n in result.domains))
     line()
     line(f"{'phase':<8} {'rows':>9} {'seconds':>9} {'rows/s':>10}")

@@ -11,18 +11,31 @@ from loguru import logger
 
 from dbkit.stats import PoolStats
 
-__all__ = ["Health", "HealthMonitor"]
+__all__ = ["Health", "HealthMonitor", "ReplicaHealth"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaHealth:
+    """One read replica as last seen: ``ok`` when it answers as a standby whose replay is
+    within ``max_replica_lag`` (``lag_s``: seconds of replay behind, None when down)."""
+
+    name: str
+    ok: bool
+    lag_s: float | None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """Result of one probe; ``error`` says why when ``ok`` is false (never with secrets)."""
+    """Result of one probe; ``error`` says why when ``ok`` is false (never with secrets).
+    ``ok`` is the primary's; ``replicas`` reports each read replica."""
 
     ok: bool
     latency_ms: float
     error: str | None
     pool: PoolStats
     breaker: str = "closed"  # the connect circuit breaker: closed, open or half_open
+    replicas: tuple[ReplicaHealth, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

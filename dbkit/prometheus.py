@@ -50,16 +50,40 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         label = ["db"]
         value = [self._name]
-        pool = self._db.stats()
+        # One series per pool: "primary" and each "replica:<host>:<port>".
+        pools = self._db.pool_stats()
         for field, (family, doc) in _POOL_METRICS.items():
-            metric = family(f"dbkit_pool_{field}", doc, labels=label)
-            metric.add_metric(value, getattr(pool, field))
+            metric = family(f"dbkit_pool_{field}", doc, labels=[*label, "pool"])
+            for pool_name, pool in pools.items():
+                metric.add_metric([*value, pool_name], getattr(pool, field))
             yield metric
         waited = CounterMetricFamily(
-            "dbkit_pool_wait_duration_seconds", "Time spent waiting for a connection.", labels=label
+            "dbkit_pool_wait_duration_seconds",
+            "Time spent waiting for a connection.",
+            labels=[*label, "pool"],
         )
-        waited.add_metric(value, pool.wait_duration)
+        for pool_name, pool in pools.items():
+            waited.add_metric([*value, pool_name], pool.wait_duration)
         yield waited
+        replicas = self._db.replica_states()
+        if replicas:
+            up = GaugeMetricFamily(
+                "dbkit_replica_usable",
+                "1 while the replica answers within max_replica_lag.",
+                labels=[*label, "pool"],
+            )
+            lag = GaugeMetricFamily(
+                "dbkit_replica_lag_seconds",
+                "Seconds of replay behind (NaN while it does not answer).",
+                labels=[*label, "pool"],
+            )
+            for replica in replicas:
+                up.add_metric([*value, replica.name], 1 if replica.ok else 0)
+                lag.add_metric(
+                    [*value, replica.name], float("nan") if replica.lag_s is None else replica.lag_s
+                )
+            yield up
+            yield lag
 
         queries = self._db.query_stats()
         histogram = HistogramMetricFamily(

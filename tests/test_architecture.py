@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("engine and pool", {"dbkit.pool", "dbkit.engine"}),
     ("connection", {"dbkit.connection"}),
     ("transaction", {"dbkit.transaction"}),
-    ("database", {"dbkit.database", "dbkit.locks"}),
+    ("database", {"dbkit.database", "dbkit.locks", "dbkit.replicas"}),
     (
         "repository",
         {

@@ -30,8 +30,9 @@ def test_pool_and_query_metrics_are_exposed(db: Database) -> None:
         db.execute("INSERT INTO t VALUES (1)")
     got = samples(registry)
     main = (("db", "main"),)
-    assert got[("dbkit_pool_open_connections", main)] == db.stats().open_connections >= 1
-    assert got[("dbkit_pool_in_use", main)] == 0
+    pool = (("db", "main"), ("pool", "primary"))
+    assert got[("dbkit_pool_open_connections", pool)] == db.stats().open_connections >= 1
+    assert got[("dbkit_pool_in_use", pool)] == 0
     statements = db.query_stats().statements  # connect()'s probe, then the three above
     assert got[("dbkit_statement_duration_seconds_count", main)] == statements == 4
     assert got[("dbkit_statement_errors_total", (("class", "23"), ("db", "main")))] == 1

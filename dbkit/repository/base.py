@@ -136,7 +136,8 @@ class Repository(Generic[T]):
         if getattr(type(self), "table_plan", None) is None:
             raise TypeError(f"{type(self).__qualname__} needs a `table = <sqlalchemy.Table>`")
         self._db = db
-        self._fast_gets: dict[bool, FastGet] = {}
+        # Per (include_deleted, driver path): the primary's and each replica's.
+        self._fast_gets: dict[tuple[bool, int], FastGet] = {}
 
     @property
     def db(self) -> Database:
@@ -159,16 +160,28 @@ class Repository(Generic[T]):
         plan = self.table_plan
         params = self._pk_params(pk)
         stmt = plan.get_any if include_deleted else plan.get_visible
-        fast = self._fast_get(include_deleted) if self._db.connection() is None else None
-        try:
-            if fast is None:
-                raise Declined
-            row = self._db.run_alone(lambda: fast.fetch(params), retry=True)
-        except Declined:
+        if self._db.connection() is not None:
             row = self._fetch_one(stmt, params)
+        else:
+            row = self._db.run_read(lambda db: self._get_alone(db, stmt, params, include_deleted))
         if row is None:
             raise self._not_found(pk)
         return cast(T, plan.make(row))
+
+    def _get_alone(
+        self, db: Database, stmt: sa.Select[Any], params: dict[str, Any], include_deleted: bool
+    ) -> Any:
+        """``get`` outside a block on ``db`` (the primary or a replica): straight on the
+        driver connection when it can.  On the primary a dead pooled connection is retried;
+        on a replica the failure goes back to ``run_read``, which turns to the primary."""
+        retry = db is self._db
+        fast = self._fast_get(db, include_deleted)
+        try:
+            if fast is None:
+                raise Declined
+            return db.run_alone(lambda: fast.fetch(params), retry=retry)
+        except Declined:
+            return db.run_autocommit(lambda conn: conn.execute(stmt, params).first(), retry=retry)
 
     @_translating
     def get_one_or_none(self, *where: Filter, include_deleted: bool = False, **eq: Any) -> T | None:
@@ -858,13 +871,15 @@ class Repository(Generic[T]):
 
     @contextlib.contextmanager
     def _statement(self) -> Iterator[DbkitConnection]:
-        """The connection for one statement: the ambient one, else one in autocommit."""
+        """The connection for one writing statement: the ambient one, else one in
+        autocommit (and replicas are then told a write committed)."""
         ambient = self._db.connection()
         if ambient is not None:
             yield ambient
         else:
             with self._db.autocommit() as conn:
                 yield conn
+            self._db.note_write()
 
     def _writing(self, *, single: bool) -> contextlib.AbstractContextManager[DbkitConnection]:
         """One statement: as ``_statement``.  Several: one transaction, joined (no
@@ -880,7 +895,11 @@ class Repository(Generic[T]):
         ambient = self._db.connection()
         if ambient is not None:
             return use(ambient)
-        return self._db.run_autocommit(use, retry=is_read(stmt))
+        if is_read(stmt):  # to a replica when read_from allows (dbkit.replicas)
+            return self._db.run_read(lambda db: db.run_autocommit(use, retry=db is self._db))
+        result = self._db.run_autocommit(use, retry=False)
+        self._db.note_write()
+        return result
 
     def _fetch(self, stmt: sa.Executable, params: Any = None) -> Sequence[Row[Any]]:
         return self._run(stmt, lambda conn: conn.execute(stmt, params).all())
@@ -894,25 +913,26 @@ class Repository(Generic[T]):
     def _rowcount(self, stmt: sa.Executable, params: Any = None) -> int:
         return self._run(stmt, lambda conn: int(conn.execute(stmt, params).rowcount))
 
-    def _fast_get(self, include_deleted: bool) -> FastGet | None:
-        """The driver-level get for the current engine (it declines when instrumented), or
-        None when fast paths are off."""
-        path = self._db.driver_path()
+    def _fast_get(self, db: Database, include_deleted: bool) -> FastGet | None:
+        """The driver-level get for ``db``'s current engine (it declines when
+        instrumented), or None when fast paths are off."""
+        path = db.driver_path()
         if path is None:
             return None
-        fast = self._fast_gets.get(include_deleted)
+        key = (include_deleted, id(path))
+        fast = self._fast_gets.get(key)
         if fast is None or fast.path is not path:  # first use, or reconnected
             plan = self.table_plan
             stmt = plan.get_any if include_deleted else plan.get_visible
             keys = [(p.key, c) for p, c in zip(plan.pk_params, plan.pk, strict=True)]
-            fast = self._fast_gets[include_deleted] = FastGet(path, stmt, plan.columns, keys)
+            fast = self._fast_gets[key] = FastGet(path, stmt, plan.columns, keys)
         return fast
 
     def _stream(self, stmt: sa.Select[Any], batch_size: int) -> Generator[T, None, None]:
         make_all = self.table_plan.make_all
         try:
             with self._stream_connection() as conn:
-                if self._db.driver_path() is None or instrumented(self._db.engine):
+                if self._db.driver_path() is None or instrumented(conn.engine):
                     options = {"yield_per": batch_size}
                     with conn.execute(stmt, execution_options=options) as result:
                         for batch in result.partitions():
@@ -934,7 +954,8 @@ class Repository(Generic[T]):
             return
         # A private connection, not the thread's ambient transaction: two streams can be
         # interleaved, and writes made while iterating do not join the stream's snapshot.
-        conn = self._db.checkout()
+        # A read: from a replica when read_from allows.
+        conn = self._db.run_read(lambda db: db.checkout())
         try:
             transaction = conn.begin()
             try:

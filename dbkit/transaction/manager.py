@@ -137,18 +137,20 @@ class TransactionManager:
 
     def __init__(
         self,
-        checkout: Callable[[], DbkitConnection],
+        checkout: Callable[[TransactionOptions], DbkitConnection],
         queries: QueryCounters,
         *,
         policy: RetryPolicy | None = None,
         resolve: Callable[[int], Outcome | None] | None = None,
         check_settings: Callable[[Mapping[str, Any]], None] | None = None,
+        committed: Callable[[bool], None] | None = None,
     ) -> None:
-        """``checkout``: a pooled connection for an outermost block.  ``policy``: the
-        outage waits of ``retries=`` runs (the connect policy).  ``resolve(xid)``: what
-        became of a transaction whose COMMIT was lost (None: resolution is off).
-        ``check_settings``: raises for a block's ``settings=`` the server would refuse."""
+        """``checkout(options)``: a connection for an outermost block.  ``policy``: outage
+        waits of ``retries=`` runs.  ``resolve(xid)``: what became of a lost COMMIT (None:
+        off).  ``check_settings``: raises for ``settings=`` the server would refuse.
+        ``committed(wrote)``: told after each read-write transaction commits."""
         self._check_settings = check_settings
+        self._committed = committed
         self._checkout = checkout
         self._queries = queries
         self._policy = policy or RetryPolicy()
@@ -225,8 +227,8 @@ class TransactionManager:
         return conn
 
     def _begin(self, state: _Thread, tx: Transaction) -> DbkitConnection:
-        conn = self._checkout()
         options = tx.options
+        conn = self._checkout(options)
         commands = state.begin(tx, options)
         try:
             driver = conn.connection.driver_connection
@@ -265,7 +267,7 @@ class TransactionManager:
 
     def exit(self, tx: Transaction, exc: BaseException | None) -> None:
         state = self._state()
-        block = state.pop(tx)
+        block = state.pop(tx, exc)
         if exc is None and state.can_commit and server_aborted(state.conn):
             # A statement failed where dbkit could not see it (e.g. on the raw driver
             # connection) and PostgreSQL aborted the transaction: never try to commit it.
@@ -278,7 +280,8 @@ class TransactionManager:
         if state.blocks or state.testing:
             self._exit_nested(state, block, exc)
             return
-        if isinstance(exc, Exception) and server_became_read_only(exc, block.options):
+        read_only = server_became_read_only(exc, block.options, state.refused_as_read_only)
+        if read_only:
             # A write refused by a server that is now read-only (a standby after a
             # failover): this connection must not be reused, and the work may run again.
             state.discard = True
@@ -290,7 +293,7 @@ class TransactionManager:
                 raise
             raise retryable from error
         if isinstance(exc, Exception):
-            retryable = as_retryable(exc, read_only_server=state.discard)
+            retryable = as_retryable(exc, read_only_server=read_only)
             if retryable is not None:
                 raise retryable from exc
 
@@ -338,6 +341,8 @@ class TransactionManager:
             if plan.commands == ["COMMIT"]:
                 self._commit(state, conn, root)
                 self._queries.transaction("committed")
+                if self._committed is not None and not state.readonly:
+                    self._committed(state.xact is None or state.xact.xact_wrote)
                 callbacks = state.callbacks
             else:
                 self._queries.transaction("rolled_back")

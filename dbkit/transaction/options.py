@@ -44,7 +44,9 @@ class TransactionOptions:
     """The options of a block.  ``readonly`` and ``isolation`` None mean "inherit" (the
     enclosing block's, or the server's default for the outermost one).  ``settings``:
     server settings local to the transaction (``dbkit.transaction.server_settings``),
-    kept normalized (lower-case names, values as text); an empty mapping is None."""
+    kept normalized (lower-case names, values as text); an empty mapping is None.
+    ``replica``: False pins an outermost read-only block to the primary; None lets
+    ``read_from`` route it (see ``dbkit.replicas``)."""
 
     savepoint: bool = True
     durable: bool = False
@@ -52,6 +54,7 @@ class TransactionOptions:
     isolation: str | None = None
     timeout: float | None = None
     settings: Mapping[str, SettingValue] | None = None
+    replica: bool | None = None
 
     def __post_init__(self) -> None:
         timeout = self.timeout
@@ -62,6 +65,15 @@ class TransactionOptions:
         if self.settings is not None:
             settings = normalize_settings(self.settings)
             object.__setattr__(self, "settings", settings or None)
+        if self.replica is not None and not isinstance(self.replica, bool):
+            raise TransactionError(f"replica must be True, False or None, got {self.replica!r}")
+
+    @property
+    def may_use_replica(self) -> bool:
+        """Read-only and not serializable (a hot standby refuses SERIALIZABLE), unpinned."""
+        return (
+            bool(self.readonly) and self.isolation != "SERIALIZABLE" and self.replica is not False
+        )
 
     @property
     def timeout_sql(self) -> str | None:

@@ -95,10 +95,19 @@ def _chain(error: BaseException) -> list[BaseException]:
     return found
 
 
-def server_became_read_only(error: Exception, options: TransactionOptions) -> bool:
+def server_became_read_only(
+    error: BaseException | None, options: TransactionOptions, declared: BaseException | None
+) -> bool:
     """25006 in a transaction the application did not declare read-only: the server
-    refused a write because it is read-only now (a standby after a failover)."""
-    return options.readonly is not True and sqlstate_of(error) == _READ_ONLY_SQL_TRANSACTION
+    refused a write because it is read-only now (a standby after a failover).
+    ``declared``: the error a nested read-only block of the transaction raised, which the
+    application asked for."""
+    return (
+        isinstance(error, Exception)
+        and error is not declared
+        and options.readonly is not True
+        and sqlstate_of(error) == _READ_ONLY_SQL_TRANSACTION
+    )
 
 
 def as_retryable(error: Exception, *, read_only_server: bool = False) -> RetryableError | None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbkit.errors import TransactionBroken, TransactionError
+from dbkit.errors import TransactionBroken, TransactionError, sqlstate_of
 from dbkit.transaction.options import TransactionOptions
 
 __all__ = ["Block", "Callback", "Exit", "Status", "TransactionState"]
@@ -81,6 +81,7 @@ class TransactionState:
         self.isolation: str | None = None
         self.readonly = False
         self.timeout: str | None = None  # statement_timeout set by a block, as SQL text
+        self.refused_as_read_only: BaseException | None = None  # 25006 in a read-only block
 
     # -- the status ------------------------------------------------------------------------
 
@@ -219,10 +220,14 @@ class TransactionState:
 
     # -- leaving ---------------------------------------------------------------------------
 
-    def pop(self, owner: object) -> Block:
+    def pop(self, owner: object, exc: BaseException | None = None) -> Block:
         if not self.blocks or self.blocks[-1].owner is not owner:
             raise TransactionError("transaction blocks exited out of order")
         block = self.blocks.pop()
+        if exc is not None and self.readonly and sqlstate_of(exc) == "25006":
+            # Refused because the application made the block read-only: a programming
+            # error, not a server that became a standby (dbkit.transaction.retry).
+            self.refused_as_read_only = exc
         if block.was_readonly is not None:
             self.readonly = block.was_readonly
         return block
