@@ -759,6 +759,20 @@ def describe_settings(
             rows.append(
                 (key, _show(f.name, f.type, getattr(obj, f.name)), sources.get(key, "default"))
             )
+    database = settings.database
+    rows.append((f"{_DB}.read_from", database.routing, sources.get(f"{_DB}.read_from", "default")))
+    rows.append(
+        (
+            f"{_DB}.max_replica_lag",
+            _show("max_replica_lag", float, database.max_replica_lag),
+            sources.get(f"{_DB}.max_replica_lag", "default"),
+        )
+    )
+    source = sources.get(f"{_DB}.replica_urls") or sources.get(f"{_DB}.replicas", "default")
+    for i, replica in enumerate(database.replicas):
+        # The connection and pool of each: what differs between replicas.
+        rows.append((f"{_DB}.replicas[{i}]", replica.safe_dsn(), source))
+        rows.append((f"{_DB}.replicas[{i}].max_open_conns", str(replica.max_open_conns), source))
     for key, value in _app_items(settings.app, _APP):
         rows.append((key, _show_app(key, value), sources.get(key, "default")))
     return rows

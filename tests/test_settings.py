@@ -782,7 +782,13 @@ def test_describe_settings_sources(files: list[Path], monkeypatch: pytest.Monkey
         "database.postgres.port",
         "database.postgres.name",
     ]
-    assert len(rows) == len(dataclasses.fields(PostgresConfig)) + len(dataclasses.fields(LogConfig))
+    # Every field, then [database]'s read_from and max_replica_lag (no replicas here).
+    assert (
+        len(rows)
+        == len(dataclasses.fields(PostgresConfig)) + len(dataclasses.fields(LogConfig)) + 2
+    )
+    assert by_key["database.read_from"] == ("primary", "default")
+    assert by_key["database.max_replica_lag"] == ("10s", "default")
     assert by_key["database.postgres.host"] == ("db.prod", f"file:{settings_file} [production]")
     assert by_key["database.postgres.name"] == ("dbkit", f"file:{settings_file} [default]")
     assert by_key["database.postgres.password"] == ("***", f"file:{secrets_file} [default]")

@@ -695,9 +695,10 @@ def test_describe_settings_lists_app_values_with_sources_secrets_masked(
     monkeypatch.setenv("DBKIT_APP__ORDERS__RETRIES", "4")
     rows = describe_settings("production", [path])
     app_rows = [row for row in rows if row[0].startswith("app.")]
-    assert len(rows) - len(app_rows) == len(dataclasses.fields(PostgresConfig)) + len(
-        dataclasses.fields(LogConfig)
-    )
+    assert (
+        len(rows) - len(app_rows)
+        == len(dataclasses.fields(PostgresConfig)) + len(dataclasses.fields(LogConfig)) + 2
+    )  # and [database]'s read_from and max_replica_lag
     assert app_rows == [
         ("app.chunk_size", "5000", f"file:{path} [production]"),
         ("app.dry_run", "false", f"file:{path} [default]"),
@@ -719,3 +720,67 @@ def test_app_values_stay_out_of_repr_and_loading_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="settings files could not be loaded") as exc:
         load_settings(settings_files=[bad])
     assert SECRET not in str(exc.value)
+
+
+def test_replicas_inherit_the_primarys_fields_and_env_urls_replace_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path / "s.toml",
+        """\
+[default.database]
+read_from = "Replica"
+max_replica_lag = "2s"
+[default.database.postgres]
+host = "primary.internal"
+password = "s3cret"
+max_open_conns = 9
+[[default.database.replicas]]
+host = "r1.internal"
+[[default.database.replicas]]
+host = "r2.internal"
+port = 5433
+max_open_conns = 3
+""",
+    )
+    database = load_settings("production", [path]).database
+    assert (database.routing, database.max_replica_lag) == ("replica", 2.0)
+    assert [(r.host, r.port, r.max_open_conns, r.password) for r in database.replicas] == [
+        ("r1.internal", 5432, 9, "s3cret"),
+        ("r2.internal", 5433, 3, "s3cret"),
+    ]
+    assert "s3cret" not in repr(database)
+    monkeypatch.setenv("DBKIT_DATABASE__REPLICA_URLS", "postgresql://app@r9:6000/db")
+    monkeypatch.setenv("DBKIT_DATABASE__READ_FROM", "prefer-replica")
+    database = load_settings("production", [path]).database
+    assert [(r.host, r.port, r.username, r.password) for r in database.replicas] == [
+        ("r9", 6000, "app", "s3cret")
+    ]
+    assert database.routing == "prefer-replica"
+
+
+def test_bad_replica_settings_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(
+        tmp_path / "s.toml",
+        """\
+[default.database]
+read_from = "replica"
+max_replica_lag = "-1s"
+[[default.database.replicas]]
+hots = "typo"
+port = 70000
+""",
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings("production", [path])
+    text = "\n".join(problems_of(refused))
+    assert "database.replicas[0].hots: unknown setting (did you mean 'host'?)" in text
+    assert "database.replicas[0].port: 70000 is not between 1 and 65535" in text
+    monkeypatch.setenv("DBKIT_DATABASE__READ_FROM", "replica")
+    with pytest.raises(ConfigError, match="'replica' but no replica is configured"):
+        load_settings("development")
+    with pytest.raises(ConfigError, match="max_replica_lag"):
+        load_settings(
+            "development",
+            [write(tmp_path / "t.toml", '[default.database]\nmax_replica_lag = "-1s"\n')],
+        )
