@@ -23,6 +23,7 @@ from dbkit.local import LocalPostgres
 from . import (
     bench_inserts,
     bench_merge,
+    bench_replicas,
     bench_stream,
     bench_threads,
     bench_transactions,
@@ -43,6 +44,7 @@ WORKLOADS: dict[str, Callable[[Context], Workload]] = {
     "merge": bench_merge.merge,
     "stream": bench_stream.streaming,
     "threads": bench_threads.threaded,
+    "replicas": bench_replicas.replicas,
 }
 # The whole data set stays in the server's cache: the runs measure clients, not disks.
 SERVER_SETTINGS = {"shared_buffers": "256MB"}

@@ -40,6 +40,9 @@ class Sizes:
     dataset_stream_rows: int  # dataset streams at a fifth of the others' rate
     threads: int
     tx_per_thread: int
+    replica_rows: int  # the replicas workload's table, streamed to both replicas
+    replica_threads: int  # its client threads, each doing this many reads per round
+    replica_reads_per_thread: int
 
 
 FULL = Sizes(
@@ -54,6 +57,9 @@ FULL = Sizes(
     dataset_stream_rows=200_000,
     threads=32,
     tx_per_thread=50,
+    replica_rows=10_000,
+    replica_threads=8,
+    replica_reads_per_thread=500,
 )
 QUICK = Sizes(
     rounds=3,
@@ -67,6 +73,9 @@ QUICK = Sizes(
     dataset_stream_rows=20_000,
     threads=32,
     tx_per_thread=10,
+    replica_rows=1_000,
+    replica_threads=8,
+    replica_reads_per_thread=50,
 )
 
 
