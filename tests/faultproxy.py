@@ -23,10 +23,43 @@ Faults, switchable at any time from any thread:
                               it; the server sees EOF and rolls back
 ``refuse()`` / ``accept()``   reset new connections at once (as if nothing listened) / stop
 ``hold()`` / ``release()``    stop relaying (bytes queue up in the kernel) / go on
+``hold_statement(prefix, n)`` for the next n statements starting with ``prefix``: keep that
+                              message and everything after it on that connection; the server
+                              never sees it, the client waits for an answer that never comes
+``wait_held(timeout)``        wait until a statement was held (also ``statement_held``, an Event)
+
+Holding a statement (two-phase-commit crash tests: stop a client right before its
+``PREPARE TRANSACTION``, ``COMMIT PREPARED`` or log ``INSERT``, then kill it).  A message
+carries a statement when it is
+
+- a simple Query (``Q``: the text + NUL): psycopg sends one for ``execute()`` without
+  parameters (``conn.execute("PREPARE TRANSACTION 'x'")``, ``cursor.execute(sql)``) and for
+  ``commit()``, ``rollback()`` and the ``tpc_*()`` commands;
+- a Parse (``P``: statement name + NUL, text + NUL, parameter types): psycopg sends one
+  (unnamed, then Bind/Describe/Execute/Sync) for ``execute(sql, params)``, ``executemany()``,
+  in pipeline mode and with ``binary=True``; a named one with ``prepare=True`` or once a
+  query passed ``prepare_threshold``;
+- a Bind (``B``: portal name + NUL, statement name + NUL, …) of a statement that this
+  connection's Parse named earlier: a prepared statement executed again sends no Parse, only
+  Bind/Execute, so its text is the one remembered from its Parse.
+
+It matches when its text, without leading whitespace, starts with ``prefix`` compared
+ASCII-case-insensitively as bytes (UTF-8): no comment skipping, no whitespace folding, and a
+multi-statement Query matches by its start only.  A held message is never forwarded, and
+neither is anything the client sends after it on that connection (the bytes before it in the
+same read are): the connection stays open, the server sees an idle session (idle in
+transaction if one was open) and the client blocks waiting.  When the client goes away (closes,
+or its process is killed) the proxy closes the server side too, so the server sees the session
+end as after a client crash: an open transaction is rolled back, a prepared one stays.
+``release()`` does not forward a held statement (it only ends ``hold()``); ``cut_all()`` and
+``close()`` shut held connections down, both sides, like any other; ``disarm()`` forgets
+statement holds not used yet.  A held COMMIT is not counted in ``commits_seen`` and uses no
+COMMIT fault.
 
 Counters: ``connections``, ``refused``, ``upstream_failures`` (target unreachable),
 ``commits_seen``, ``commits_cut_after``, ``commits_cut_instead``, ``cut_connections`` (by
-``cut_all``); ``counters()`` returns them all at once.
+``cut_all``), ``statements_held``; ``counters()`` returns them all at once, and
+``held_statements()`` what was held (connection number, message type, text).
 """
 
 from __future__ import annotations
@@ -37,11 +70,11 @@ import struct
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import NamedTuple, Self
 
 from sqlalchemy.engine import make_url
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "HeldStatement"]
 
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
@@ -59,6 +92,45 @@ def _is_commit(message: bytes) -> bool:
         return False
     text = message[5:].rstrip(b"\x00").strip().rstrip(b";").strip().upper()
     return text in _COMMITS
+
+
+def _statement_of(message: bytes, parsed: dict[bytes, bytes]) -> bytes | None:
+    """The SQL text one complete typed message carries, if any: a Query's, a Parse's, or
+    for a Bind the text of the statement it names, from ``parsed`` (statement name → text of
+    this connection's earlier Parse messages; the caller records them)."""
+    kind = message[:1]
+    if kind == b"Q":
+        return message[5:].rstrip(b"\x00")
+    if kind == b"P":
+        name_end = message.find(b"\x00", 5)
+        text_end = message.find(b"\x00", name_end + 1)
+        return message[name_end + 1 : text_end] if name_end >= 0 and text_end >= 0 else None
+    if kind == b"B":
+        portal_end = message.find(b"\x00", 5)
+        name_end = message.find(b"\x00", portal_end + 1)
+        if portal_end < 0 or name_end < 0:
+            return None
+        return parsed.get(message[portal_end + 1 : name_end])
+    return None
+
+
+def _parse_name(message: bytes) -> bytes:
+    """The statement name of a Parse message."""
+    return message[5 : message.find(b"\x00", 5)]
+
+
+def _matches(text: bytes, prefix: bytes) -> bool:
+    """Whether ``text`` without leading whitespace starts with ``prefix`` (already upper)."""
+    return text.lstrip()[: len(prefix)].upper() == prefix
+
+
+class HeldStatement(NamedTuple):
+    """One held message: its connection's number (1 for the proxy's first), its type
+    (``"Q"``, ``"P"`` or ``"B"``) and its statement text."""
+
+    connection: int
+    kind: str
+    text: str
 
 
 def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
@@ -85,6 +157,11 @@ class _Link:
         self.awaiting_answer = False
         self.opaque = False
         self.upstream: threading.Thread | None = None
+        # Statement name → text of every Parse seen, for Binds of prepared statements.
+        self.parsed: dict[bytes, bytes] = {}
+        # A statement was held: the client → server thread forwards nothing any more and
+        # keeps the held message and whatever follows here, until the client goes away.
+        self.held = bytearray()
 
     def kill(self) -> None:
         self.dead = True
@@ -108,6 +185,11 @@ class FaultProxy:
         self._refusing = False
         self._cut_after = 0
         self._cut_instead = 0
+        self._holds: dict[bytes, int] = {}  # upper-case prefix → statements left to hold
+        self._held: list[HeldStatement] = []
+        self._held_changed = threading.Condition(self._lock)
+        #: Set whenever a statement is held (never cleared by the proxy; a test may).
+        self.statement_held = threading.Event()
         self.connections = 0
         self.refused = 0
         self.upstream_failures = 0
@@ -115,6 +197,7 @@ class FaultProxy:
         self.commits_cut_after = 0
         self.commits_cut_instead = 0
         self.cut_connections = 0
+        self.statements_held = 0
         self._listener = socket.create_server((host, 0))
         self._listener.settimeout(0.1)  # accept() polls, so close() is noticed
         self.port: int = self._listener.getsockname()[1]
@@ -152,9 +235,38 @@ class FaultProxy:
             self._cut_instead = n
 
     def disarm(self) -> None:
-        """Forget COMMIT faults not used yet."""
+        """Forget COMMIT faults and statement holds not used yet."""
         with self._lock:
             self._cut_after = self._cut_instead = 0
+            self._holds.clear()
+
+    def hold_statement(self, prefix: str, n: int = 1) -> None:
+        """For the next ``n`` messages carrying a statement that starts with ``prefix``
+        (after leading whitespace, ASCII case ignored): keep it and everything after it on
+        its connection, forward nothing more from that client (see the module docstring).
+        Each prefix is armed on its own; arming the same prefix again replaces what was left
+        unused (``n=0`` forgets it).  When several armed prefixes match, the one armed first
+        is used."""
+        key = prefix.encode().upper()
+        if not key.strip():
+            raise ValueError("hold_statement needs a non-blank prefix")
+        if n < 0:
+            raise ValueError(f"hold_statement n must be >= 0, got {n}")
+        with self._lock:
+            self._holds.pop(key, None)
+            if n:
+                self._holds[key] = n
+
+    def wait_held(self, timeout: float | None = 5.0, count: int = 1) -> bool:
+        """Wait until at least ``count`` statements have been held since this proxy
+        started (``statements_held >= count``); False if ``timeout`` passed first."""
+        with self._held_changed:
+            return self._held_changed.wait_for(lambda: self.statements_held >= count, timeout)
+
+    def held_statements(self) -> list[HeldStatement]:
+        """Every statement held so far, oldest first."""
+        with self._lock:
+            return list(self._held)
 
     def refuse(self) -> None:
         """Reset every new connection at once, until ``accept()``."""
@@ -186,6 +298,7 @@ class FaultProxy:
                 "commits_cut_after": self.commits_cut_after,
                 "commits_cut_instead": self.commits_cut_instead,
                 "cut_connections": self.cut_connections,
+                "statements_held": self.statements_held,
             }
 
     def close(self) -> None:
@@ -299,7 +412,12 @@ class FaultProxy:
                 data = link.client.recv(_CHUNK)
             except OSError:
                 return
-            if not data or not self._wait_flowing(link):
+            if not data:
+                return
+            if link.held:  # keep it; wait for the client to go away
+                link.held += data
+                continue
+            if not self._wait_flowing(link):
                 return
             if link.opaque:
                 if not self._send(link.server, data):
@@ -346,6 +464,10 @@ class FaultProxy:
                     break
                 message = bytes(buffer[: 1 + length])
                 del buffer[: 1 + length]
+                if message[:1] in b"QPB" and self._hold_if_armed(link, message):
+                    link.held += message + buffer
+                    buffer.clear()
+                    break
                 if _is_commit(message):
                     fault = self._commit_fault()
                     if fault is not None:
@@ -359,6 +481,29 @@ class FaultProxy:
                 buffer.clear()
             if out and not self._send(link.server, out):
                 return
+
+    def _hold_if_armed(self, link: _Link, message: bytes) -> bool:
+        """Record a Parse's statement; take an armed hold matching this message's statement,
+        if any, and count it.  True when the message is to be held."""
+        text = _statement_of(message, link.parsed)
+        if text is None:
+            return False
+        if message[:1] == b"P":
+            link.parsed[_parse_name(message)] = text
+        with self._lock:
+            prefix = next((p for p in self._holds if _matches(text, p)), None)
+            if prefix is None:
+                return False
+            if self._holds[prefix] > 1:
+                self._holds[prefix] -= 1
+            else:
+                del self._holds[prefix]
+            self.statements_held += 1
+            held = HeldStatement(link.number, chr(message[0]), text.decode("utf-8", "replace"))
+            self._held.append(held)
+            self.statement_held.set()
+            self._held_changed.notify_all()
+        return True
 
     def _commit_fault(self) -> str | None:
         """Count a COMMIT and take the fault armed for it, if any."""
