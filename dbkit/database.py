@@ -172,6 +172,7 @@ class Database:
         self._monitor: HealthMonitor | None = None
         self._closed = False
         self._connected = False  # connect() succeeded since the last close()
+        self._connect_hooks: list[Callable[[], Any]] = []
         self.connect_attempts = 0  # attempts made by the last connect(), for operators/tests
 
     # -- construction ----------------------------------------------------------------------
@@ -306,7 +307,21 @@ class Database:
         self._start_monitor()
         if self._replicas is not None:
             self._replicas.start()  # a replica that is down is skipped, not an error
+        for callback in list(self._connect_hooks):
+            callback()
         return self
+
+    def on_connect(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` after every successful ``connect()`` (e.g. two-phase
+        recovery: ``dbkit.twophase.recover_at_connect``)."""
+        if not callable(callback):
+            raise TypeError(f"on_connect() needs a callable, got {callback!r}")
+        self._connect_hooks.append(callback)
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether ``connect()`` succeeded and ``close()`` has not been called since."""
+        return self._connected and not self._closed
 
     def _start_monitor(self) -> None:
         interval = self._config.health_check_interval

@@ -11,8 +11,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 import psycopg
@@ -29,6 +28,7 @@ from dbkit.errors import (
 from dbkit.fastpath.psycopg import PgConnection
 from dbkit.retrying import RetryPolicy
 from dbkit.stats import QueryCounters
+from dbkit.transaction.integration import IntegrationHooks
 from dbkit.transaction.options import TransactionOptions
 from dbkit.transaction.outcome import Outcome, settle_lost_commit
 from dbkit.transaction.retry import as_retryable, run_with_retries, server_became_read_only
@@ -132,7 +132,7 @@ class _Thread(TransactionState):
             self.aborted_by(error)
 
 
-class TransactionManager:
+class TransactionManager(IntegrationHooks):
     """Owns the per-thread transaction state of one ``Database``."""
 
     def __init__(
@@ -435,44 +435,6 @@ class TransactionManager:
                 return func(conn)
 
         return run_with_retries(once, policy, lambda: self._queries.transaction("retried"))
-
-    # -- for dbkit.testing -----------------------------------------------------------------
-
-    def in_test_transaction(self) -> bool:
-        """Whether this thread runs inside a test fixture's adopted transaction."""
-        state = getattr(self._local, "state", None)
-        return state is not None and state.testing
-
-    def open_blocks(self) -> int:
-        """How many ``db.transaction()`` blocks this thread has entered and not exited."""
-        state = getattr(self._local, "state", None)
-        return 0 if state is None else len(state.blocks)
-
-    def queued_on_commit(self) -> list[Callback]:
-        """This thread's queued on_commit entries ``(savepoint ids, func, robust)``, oldest
-        first: a copy of the list, whose entries are stable objects (compare with ``is``)."""
-        state = getattr(self._local, "state", None)
-        return [] if state is None else list(state.callbacks)
-
-    @contextmanager
-    def adopt(self, conn: DbkitConnection) -> Iterator[None]:
-        """Make ``conn`` (with a transaction already begun by a test fixture) this thread's
-        ambient connection: every block inside runs as a savepoint, durable ones included,
-        and the fixture rolls everything back at the end."""
-        state = self._state()
-        if state.conn is not None:
-            raise TransactionError("a transaction is already open in this thread")
-        state.conn = conn
-        state.testing = True
-        state.server_isolation = conn.dialect.default_isolation_level or "READ COMMITTED"
-        conn.guard = state
-        try:
-            yield
-        finally:
-            conn.guard = None
-            state.conn = None
-            state.testing = False
-            state.reset()
 
 
 # Every manager, so that a forked child can make them forget the parent's transactions.
