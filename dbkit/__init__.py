@@ -6,6 +6,7 @@ from dbkit.database import Database
 from dbkit.errors import (
     CircuitOpenError,
     CommitOutcomeUnknown,
+    CommitPending,
     ConfigError,
     ConflictError,
     ConnectError,
@@ -39,6 +40,13 @@ from dbkit.settings import (
 )
 from dbkit.stats import PoolStats
 from dbkit.transaction import DbkitConnection, Transaction, TransactionOptions
+from dbkit.twophase import (
+    RecoveryReport,
+    distributed_transaction,
+    recover_at_connect,
+    recover_prepared,
+    run_distributed,
+)
 
 # A library stays silent until the application asks for its logs (configure_logging).
 _logger.disable("dbkit")
@@ -49,6 +57,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "CommitOutcomeUnknown",
+    "CommitPending",
     "ConfigError",
     "ConflictError",
     "ConnectError",
@@ -69,6 +78,7 @@ __all__ = [
     "PoolStats",
     "PoolTimeoutError",
     "PostgresConfig",
+    "RecoveryReport",
     "Repository",
     "RetryableError",
     "Settings",
@@ -81,7 +91,11 @@ __all__ = [
     "advisory_key",
     "configure_logging",
     "describe_settings",
+    "distributed_transaction",
     "is_transient",
     "load_settings",
     "parse_duration",
+    "recover_at_connect",
+    "recover_prepared",
+    "run_distributed",
 ]

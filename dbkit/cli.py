@@ -116,7 +116,48 @@ def _parser() -> argparse.ArgumentParser:
     _add_migrate(commands)
     _add_local(commands)
     _add_demo(commands)
+
+    recover = commands.add_parser(
+        "recover",
+        help="finish the distributed transactions crashed coordinators left prepared",
+        description=(
+            "Two-phase commit recovery (dbkit.recover_prepared): on the databases named, "
+            "commit the prepared parts whose commit was decided and roll back the rest, "
+            "leaving alone those whose coordinator still runs and those that are not "
+            "dbkit's.  The first URL is the database that holds the decision log (the "
+            "first of distributed_transaction's databases).  Safe to run at any time, "
+            "concurrently, and again."
+        ),
+    )
+    recover.add_argument(
+        "--url", action="append", required=True, metavar="URL", help="a participant (repeat)"
+    )
+    recover.add_argument("--json", action="store_true", help="print the report as JSON")
+    recover.set_defaults(handler=_recover)
     return parser
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from dbkit.twophase import recover_prepared
+
+    with contextlib.ExitStack() as stack:
+        dbs = [stack.enter_context(Database.from_url(url)) for url in args.url]
+        report = recover_prepared(*dbs)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+        return EXIT_OK
+    print(f"committed {len(report.committed)}, rolled back {len(report.rolled_back)}")
+    for label, gids in (
+        ("committed", report.committed),
+        ("rolled back", report.rolled_back),
+        ("left to its running coordinator", report.in_progress),
+        ("not dbkit's, left alone", report.foreign),
+    ):
+        for name in gids:
+            print(f"  {label:32} {name}")
+    if report.pruned:
+        print(f"pruned {report.pruned} decision(s) from the log")
+    return EXIT_OK
 
 
 def _add_init(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -16,6 +16,7 @@ import sqlalchemy.exc as sa_exc
 __all__ = [
     "CircuitOpenError",
     "CommitOutcomeUnknown",
+    "CommitPending",
     "ConfigError",
     "ConflictError",
     "ConnectError",
@@ -142,6 +143,17 @@ class CommitOutcomeUnknown(TransactionError):
     def __init__(self, message: str, *, xid: int | None = None) -> None:
         super().__init__(message)
         self.xid = xid
+
+
+class CommitPending(TransactionError):
+    """A distributed transaction (``dbkit.distributed_transaction``) was decided and
+    recorded as committed, but finishing it on some database failed: the commit *will*
+    complete, by ``dbkit.recover_prepared`` / ``dbkit recover``.  ``gids`` are the prepared
+    transactions still to finish."""
+
+    def __init__(self, message: str, *, gids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.gids = gids
 
 
 class LockNotAvailable(DbkitError):

@@ -75,12 +75,14 @@ _THROWAWAY_SETTINGS: Final = {
     "full_page_writes": "off",
 }
 # Appended to postgresql.conf by initdb here, so that every cluster can be the primary of
-# start_replica() (PostgreSQL's defaults since 10, spelled out; a replica copies the file).
+# start_replica() (PostgreSQL's defaults since 10, spelled out; a replica copies the file)
+# and a participant of two-phase commit (dbkit.twophase; the default, 0, refuses PREPARE).
 _REPLICATION_CONF: Final = {
     "wal_level": "replica",
     "max_wal_senders": "10",
     "max_replication_slots": "10",
     "hot_standby": "on",
+    "max_prepared_transactions": "20",
 }
 # A kept cluster's replicas live next to its data dir: "<data dir>-replica-<n>", each with
 # this file naming the primary's data dir (so that only our own replicas are ever touched).
@@ -556,7 +558,10 @@ class LocalPostgres:
             )
         # Ready to be a primary: replication settings and a replication line for 127.0.0.1.
         with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# dbkit: every local cluster can be the primary of streaming replicas\n")
+            conf.write(
+                "\n# dbkit: every local cluster can be the primary of streaming replicas, "
+                "and prepare transactions\n"
+            )
             conf.writelines(f"{key} = {value}\n" for key, value in _REPLICATION_CONF.items())
         self._ensure_replication_hba()
 

@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "dbkit.otel",
             "dbkit.prometheus",
             "dbkit.budget",
+            "dbkit.twophase",
         },
     ),
     (
