@@ -778,6 +778,39 @@ class Database:
         """The pool, as Go's ``sql.DBStats``."""
         return self._counters.snapshot()
 
+    # Go's setters at run time (``dbkit.pool``): this Database's own pool (a replica's is
+    # its own), thread-safe, kept across close() and connect(); ``ConnectError`` once closed.
+
+    def set_max_open_conns(self, n: int) -> None:
+        """Go's ``SetMaxOpenConns``: at most ``n`` connections open (in use + idle), ``n <= 0``
+        unlimited.  Lowering it interrupts no connection in use (those beyond it are closed
+        as they come back) and lowers max_idle_conns with it; raising it lets waiting
+        checkouts go ahead at once.  ``stats().max_open_connections`` follows."""
+        from dbkit.pool import set_max_open_conns
+
+        set_max_open_conns(self.engine, n)
+
+    def set_max_idle_conns(self, n: int) -> None:
+        """Go's ``SetMaxIdleConns``: keep at most ``n`` idle (never more than max_open_conns),
+        ``n <= 0`` none; idle ones beyond it are closed now (``max_idle_closed``)."""
+        from dbkit.pool import set_max_idle_conns
+
+        set_max_idle_conns(self.engine, n)
+
+    def set_conn_max_lifetime(self, seconds: float) -> None:
+        """Go's ``SetConnMaxLifetime``: close connections older than ``seconds`` (0 = never),
+        those already open included (``max_lifetime_closed``)."""
+        from dbkit.pool import set_conn_max_lifetime
+
+        set_conn_max_lifetime(self.engine, seconds)
+
+    def set_conn_max_idle_time(self, seconds: float) -> None:
+        """Go's ``SetConnMaxIdleTime``: close connections idle longer than ``seconds``
+        (0 = never), those idle now included (``max_idle_time_closed``)."""
+        from dbkit.pool import set_conn_max_idle_time
+
+        set_conn_max_idle_time(self.engine, seconds)
+
     def add_statement_listener(self, listener: StatementListener) -> None:
         """Call ``listener(seconds, error, sql_text)`` after every statement (tracing,
         custom metrics).  ``sql_text()`` renders the statement without parameter values."""
